@@ -1,0 +1,1 @@
+"""onnxcc calibration (arrives with its issue)."""

@@ -1,0 +1,283 @@
+"""Emission: the IR back into an `onnx.ModelProto`, or into a file whose large tensors go
+to an external data file beside it (streamed, so a huge model is never held whole)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import BinaryIO
+
+import onnx
+from onnx import AttributeProto as A
+from onnx import TensorProto
+
+from .errors import CompileError
+from .graph import Function, Graph, Model
+from .node import Attr, Node
+from .tensors import ExternalTensor, SparseTensor, Tensor
+from .value import Value
+
+PROTOBUF_LIMIT = 2**31 - 1  # a serialized ModelProto cannot be larger
+EXTERNAL_THRESHOLD = 1024  # bytes; smaller tensors stay inline (onnx's own default)
+
+
+def to_proto(model: Model) -> onnx.ModelProto:
+    """The whole model in memory, every tensor inline."""
+    if _tensor_bytes(model) > PROTOBUF_LIMIT:
+        raise CompileError(f"model holds {_tensor_bytes(model) / 2**30:.1f} GiB of tensors, more than "
+                           "one protobuf can carry; save it to a file (external data is written beside it)")
+    return _Emitter(None).model(model)
+
+
+def save(model: Model, path: str | os.PathLike, *, external: bool | None = None,
+         threshold: int = EXTERNAL_THRESHOLD) -> None:
+    """Write the model to `path`. With `external` (default: when the model already has
+    external data or would not fit in one protobuf), tensors of `threshold` bytes or more go
+    to `<name>.data` beside it. Each file is written to a temporary name, then renamed."""
+    path = Path(path)
+    if external is None:
+        external = _has_external(model) or _tensor_bytes(model) > PROTOBUF_LIMIT // 2
+    if not external:
+        _replace(path, _Emitter(None).model(model).SerializeToString())
+        return
+    data_path = path.with_name(path.name + ".data")
+    tmp = data_path.with_name(f".{data_path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            writer = _DataWriter(f, data_path.name, threshold)
+            blob = writer.check(_Emitter(writer).model(model).SerializeToString())
+        os.replace(tmp, data_path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    writer.repoint(data_path)
+    _replace(path, blob)
+
+
+def _replace(path: Path, blob: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_bytes(blob)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+class _DataWriter:
+    """Appends tensors to the external data file and makes the protos that point at them."""
+
+    def __init__(self, file: BinaryIO, location: str, threshold: int):
+        self.file = file
+        self.location = location
+        self.threshold = threshold
+        self.offset = 0
+        self.written: list[tuple[ExternalTensor, int]] = []
+
+    def wants(self, tensor: Tensor, *, attribute: bool = False) -> bool:
+        if tensor.dtype == TensorProto.STRING or isinstance(tensor, SparseTensor):
+            return False
+        # Constant attributes stay inline unless they were external already.
+        return tensor.is_external or (not attribute and tensor.nbytes >= self.threshold)
+
+    def write(self, tensor: Tensor, name: str) -> TensorProto:
+        align = 4096 if tensor.nbytes >= 1 << 20 else 64  # page-aligned big tensors can be mapped
+        pad = -self.offset % align
+        self.file.write(b"\0" * pad)
+        self.offset += pad
+        start = self.offset
+        for chunk in tensor.iter_bytes():
+            self.file.write(chunk)
+            self.offset += len(chunk)
+        if isinstance(tensor, ExternalTensor):
+            self.written.append((tensor, start))
+        proto = TensorProto(name=name, data_type=tensor.dtype, dims=tensor.shape,
+                            data_location=TensorProto.EXTERNAL)
+        template = getattr(tensor, "proto", None) or getattr(tensor, "_template", None)
+        if template is not None:
+            proto.doc_string = template.doc_string
+        for key, value in (("location", self.location), ("offset", str(start)),
+                           ("length", str(self.offset - start))):
+            entry = proto.external_data.add()
+            entry.key, entry.value = key, value
+        return proto
+
+    def check(self, blob: bytes) -> bytes:
+        if len(blob) > PROTOBUF_LIMIT:
+            raise CompileError("model structure exceeds 2 GiB even with weights as external data")
+        return blob
+
+    def repoint(self, data_path: Path) -> None:
+        """Tensors read from the file just replaced now live in the new one."""
+        real = os.path.realpath(data_path)
+        for tensor, offset in self.written:
+            if os.path.realpath(tensor.path) == real:
+                tensor.path, tensor.offset = data_path, offset
+
+
+class _Emitter:
+    def __init__(self, writer: _DataWriter | None):
+        self.writer = writer
+
+    def model(self, m: Model) -> onnx.ModelProto:
+        p = onnx.ModelProto(ir_version=m.ir_version, **_given(
+            producer_name=m.producer_name, producer_version=m.producer_version, domain=m.domain,
+            model_version=m.model_version, doc_string=m.doc_string))
+        for domain, version in m.opset_imports.items():
+            p.opset_import.add(domain=domain, version=version)
+        _set_props(p.metadata_props, m.metadata_props)
+        p.graph.CopyFrom(self.graph(m.graph))
+        p.functions.extend(self.function(f) for f in m.functions)
+        p.training_info.extend(m.training_info)
+        if m.configuration:
+            p.configuration.extend(m.configuration)
+        return p
+
+    def function(self, f: Function) -> onnx.FunctionProto:
+        p = onnx.FunctionProto(domain=f.domain, name=f.name,
+                               **_given(doc_string=f.doc_string, overload=f.overload))
+        p.input.extend(v.name for v in f.graph.inputs)
+        p.output.extend(v.name for v in f.graph.outputs)
+        p.attribute.extend(f.attributes)
+        p.attribute_proto.extend(self.attr(name, a) for name, a in f.attribute_defaults.items())
+        for domain, version in f.opset_imports.items():
+            p.opset_import.add(domain=domain, version=version)
+        p.node.extend(self.node(n) for n in f.graph.nodes)
+        if hasattr(p, "value_info"):
+            p.value_info.extend(_value_info(v) for v in _typed_intermediates(f.graph))
+        if f.metadata_props:
+            _set_props(p.metadata_props, f.metadata_props)
+        return p
+
+    def graph(self, g: Graph) -> onnx.GraphProto:
+        p = onnx.GraphProto(name=g.name, **_given(doc_string=g.doc_string))
+        p.input.extend(_value_info(v) for v in g.inputs)
+        for v in g.initializers.values():
+            if isinstance(v.tensor, SparseTensor):
+                p.sparse_initializer.append(v.tensor.proto)
+            else:
+                p.initializer.append(self.tensor(v.tensor, v.name))
+        p.node.extend(self.node(n) for n in g.nodes)
+        p.output.extend(_value_info(v) for v in g.outputs)
+        p.value_info.extend(_value_info(v) for v in _typed_intermediates(g))
+        p.quantization_annotation.extend(g.quantization_annotation)
+        _set_props(p.metadata_props, g.metadata_props)
+        return p
+
+    def node(self, n: Node) -> onnx.NodeProto:
+        p = onnx.NodeProto(op_type=n.op_type, name=n.name, **_given(
+            domain=n.domain, doc_string=n.doc_string, overload=n.overload))
+        p.input.extend(v.name if v is not None else "" for v in n.inputs)
+        p.output.extend(v.name if v is not None else "" for v in n.outputs)
+        p.attribute.extend(self.attr(name, a) for name, a in n.attributes.items())
+        _set_props(p.metadata_props, n.metadata_props)
+        return p
+
+    def attr(self, name: str, a: Attr) -> onnx.AttributeProto:
+        p = onnx.AttributeProto(name=name, type=a.type, **_given(doc_string=a.doc_string))
+        if a.ref_attr_name:
+            p.ref_attr_name = a.ref_attr_name
+            return p
+        t, v = a.type, a.value
+        if t == A.FLOAT:
+            p.f = v
+        elif t == A.INT:
+            p.i = v
+        elif t == A.STRING:
+            p.s = v
+        elif t == A.TENSOR:
+            p.t.CopyFrom(self.tensor(v, v_name(v), attribute=True))
+        elif t == A.GRAPH:
+            p.g.CopyFrom(self.graph(v))
+        elif t == A.SPARSE_TENSOR:
+            p.sparse_tensor.CopyFrom(v)
+        elif t == A.TYPE_PROTO:
+            p.tp.CopyFrom(v)
+        elif t == A.FLOATS:
+            p.floats.extend(v)
+        elif t == A.INTS:
+            p.ints.extend(v)
+        elif t == A.STRINGS:
+            p.strings.extend(v)
+        elif t == A.TENSORS:
+            p.tensors.extend(self.tensor(x, v_name(x), attribute=True) for x in v)
+        elif t == A.GRAPHS:
+            p.graphs.extend(self.graph(x) for x in v)
+        elif t == A.SPARSE_TENSORS:
+            p.sparse_tensors.extend(v)
+        elif t == A.TYPE_PROTOS:
+            p.type_protos.extend(v)
+        return p
+
+    def tensor(self, t: Tensor, name: str, *, attribute: bool = False) -> TensorProto:
+        if self.writer is not None and self.writer.wants(t, attribute=attribute):
+            return self.writer.write(t, name)
+        return t.to_proto(name)
+
+
+def v_name(t: Tensor) -> str:
+    """Attribute tensors keep the name they came with (it is part of the proto)."""
+    proto = getattr(t, "proto", None) or getattr(t, "_template", None)
+    return proto.name if proto is not None else ""
+
+
+def _value_info(v: Value) -> onnx.ValueInfoProto:
+    p = onnx.ValueInfoProto(name=v.name, **_given(doc_string=v.doc_string))
+    if v.type is not None:
+        p.type.CopyFrom(v.type)
+    elif v.dtype is not None:
+        tt = p.type.tensor_type
+        tt.elem_type = v.dtype
+        if v.shape is not None:
+            tt.shape.SetInParent()
+            for d in v.shape:
+                dim = tt.shape.dim.add()
+                if isinstance(d, int):
+                    dim.dim_value = d
+                elif isinstance(d, str):
+                    dim.dim_param = d
+    _set_props(p.metadata_props, v.metadata_props)
+    return p
+
+
+def _typed_intermediates(g: Graph):
+    """Node outputs with a known type that are not graph outputs: the value_info entries."""
+    outputs = {id(v) for v in g.outputs}
+    for node in g.nodes:
+        for v in node.outputs:
+            if v is not None and id(v) not in outputs and (v.dtype is not None or v.type is not None):
+                yield v
+
+
+def _given(**fields):
+    """Only the fields that carry something: ONNX's protos are proto2, where an empty
+    string that is set is still written."""
+    return {k: v for k, v in fields.items() if v}
+
+
+def _set_props(field, props: dict[str, str]) -> None:
+    for key, value in props.items():
+        field.add(key=key, value=value)
+
+
+def _all_tensors(model: Model):
+    for g in model.graphs():
+        for v in g.initializers.values():
+            yield v.tensor
+        for node in g.nodes:
+            for a in node.attributes.values():
+                if a.type == A.TENSOR and not a.ref_attr_name:
+                    yield a.value
+                elif a.type == A.TENSORS:
+                    yield from a.value
+
+
+def _has_external(model: Model) -> bool:
+    return any(t.is_external for t in _all_tensors(model))
+
+
+def _tensor_bytes(model: Model) -> int:
+    return sum(t.nbytes for t in _all_tensors(model))
+
+
+__all__ = ["to_proto", "save", "EXTERNAL_THRESHOLD"]

@@ -1,0 +1,1 @@
+"""onnxcc rewrites (arrives with its issue)."""
