@@ -23,8 +23,8 @@ EXTERNAL_THRESHOLD = 1024  # bytes; smaller tensors stay inline (onnx's own defa
 
 def to_proto(model: Model) -> onnx.ModelProto:
     """The whole model in memory, every tensor inline."""
-    if _tensor_bytes(model) > PROTOBUF_LIMIT:
-        raise CompileError(f"model holds {_tensor_bytes(model) / 2**30:.1f} GiB of tensors, more than "
+    if tensor_bytes(model) > PROTOBUF_LIMIT:
+        raise CompileError(f"model holds {tensor_bytes(model) / 2**30:.1f} GiB of tensors, more than "
                            "one protobuf can carry; save it to a file (external data is written beside it)")
     return _Emitter(None).model(model)
 
@@ -33,10 +33,11 @@ def save(model: Model, path: str | os.PathLike, *, external: bool | None = None,
          threshold: int = EXTERNAL_THRESHOLD) -> None:
     """Write the model to `path`. With `external` (default: when the model already has
     external data or would not fit in one protobuf), tensors of `threshold` bytes or more go
-    to `<name>.data` beside it. Each file is written to a temporary name, then renamed."""
+    to `<name>.data` beside it (not created when no tensor qualifies). Each file is written
+    to a temporary name, then renamed."""
     path = Path(path)
     if external is None:
-        external = _has_external(model) or _tensor_bytes(model) > PROTOBUF_LIMIT // 2
+        external = has_external(model) or tensor_bytes(model) > PROTOBUF_LIMIT // 2
     if not external:
         _replace(path, _Emitter(None).model(model).SerializeToString())
         return
@@ -44,13 +45,14 @@ def save(model: Model, path: str | os.PathLike, *, external: bool | None = None,
     tmp = data_path.with_name(f".{data_path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as f:
-            writer = _DataWriter(f, data_path.name, threshold)
+            writer = _DataWriter(f, data_path, threshold)
             blob = writer.check(_Emitter(writer).model(model).SerializeToString())
-        os.replace(tmp, data_path)
+        if writer.offset:
+            os.replace(tmp, data_path)
     finally:
         if tmp.exists():
             tmp.unlink()
-    writer.repoint(data_path)
+    writer.repoint()
     _replace(path, blob)
 
 
@@ -67,18 +69,27 @@ def _replace(path: Path, blob: bytes) -> None:
 class _DataWriter:
     """Appends tensors to the external data file and makes the protos that point at them."""
 
-    def __init__(self, file: BinaryIO, location: str, threshold: int):
+    def __init__(self, file: BinaryIO, data_path: Path, threshold: int):
         self.file = file
-        self.location = location
+        self.location = data_path.name
+        self.real = os.path.realpath(data_path)
         self.threshold = threshold
         self.offset = 0
         self.written: list[tuple[ExternalTensor, int]] = []
+        self.inlined: list[tuple[ExternalTensor, TensorProto]] = []
 
     def wants(self, tensor: Tensor, *, attribute: bool = False) -> bool:
         if tensor.dtype == TensorProto.STRING or isinstance(tensor, SparseTensor):
             return False
+        if tensor.nbytes < max(self.threshold, 1):  # an empty tensor needs no file
+            return False
         # Constant attributes stay inline unless they were external already.
-        return tensor.is_external or (not attribute and tensor.nbytes >= self.threshold)
+        return tensor.is_external or not attribute
+
+    def inline(self, tensor: Tensor, proto: TensorProto) -> None:
+        """An external tensor written inline: remember it if its file is the one replaced."""
+        if tensor.is_external and os.path.realpath(tensor.path) == self.real:
+            self.inlined.append((tensor, proto))
 
     def write(self, tensor: Tensor, name: str) -> TensorProto:
         align = 4096 if tensor.nbytes >= 1 << 20 else 64  # page-aligned big tensors can be mapped
@@ -107,12 +118,14 @@ class _DataWriter:
             raise CompileError("model structure exceeds 2 GiB even with weights as external data")
         return blob
 
-    def repoint(self, data_path: Path) -> None:
-        """Tensors read from the file just replaced now live in the new one."""
-        real = os.path.realpath(data_path)
+    def repoint(self) -> None:
+        """Tensors read from the file just replaced now live in the new one, or in memory
+        when they were written inline."""
         for tensor, offset in self.written:
-            if os.path.realpath(tensor.path) == real:
-                tensor.path, tensor.offset = data_path, offset
+            if tensor.is_external and os.path.realpath(tensor.path) == self.real:
+                tensor.path, tensor.offset = Path(self.real), offset
+        for tensor, proto in self.inlined:
+            tensor.hold(proto.raw_data)
 
 
 class _Emitter:
@@ -144,7 +157,7 @@ class _Emitter:
             p.opset_import.add(domain=domain, version=version)
         p.node.extend(self.node(n) for n in f.graph.nodes)
         if hasattr(p, "value_info"):
-            p.value_info.extend(_value_info(v) for v in _typed_intermediates(f.graph))
+            p.value_info.extend(_value_infos(f.graph))
         if f.metadata_props:
             _set_props(p.metadata_props, f.metadata_props)
         return p
@@ -159,7 +172,7 @@ class _Emitter:
                 p.initializer.append(self.tensor(v.tensor, v.name))
         p.node.extend(self.node(n) for n in g.nodes)
         p.output.extend(_value_info(v) for v in g.outputs)
-        p.value_info.extend(_value_info(v) for v in _typed_intermediates(g))
+        p.value_info.extend(_value_infos(g))
         p.quantization_annotation.extend(g.quantization_annotation)
         _set_props(p.metadata_props, g.metadata_props)
         return p
@@ -210,9 +223,14 @@ class _Emitter:
         return p
 
     def tensor(self, t: Tensor, name: str, *, attribute: bool = False) -> TensorProto:
-        if self.writer is not None and self.writer.wants(t, attribute=attribute):
+        if self.writer is None:
+            return t.to_proto(name)
+        if self.writer.wants(t, attribute=attribute):
             return self.writer.write(t, name)
-        return t.to_proto(name)
+        proto = t.to_proto(name)
+        if isinstance(t, ExternalTensor):
+            self.writer.inline(t, proto)
+        return proto
 
 
 def v_name(t: Tensor) -> str:
@@ -240,13 +258,20 @@ def _value_info(v: Value) -> onnx.ValueInfoProto:
     return p
 
 
-def _typed_intermediates(g: Graph):
-    """Node outputs with a known type that are not graph outputs: the value_info entries."""
+def _value_infos(g: Graph):
+    """The value_info entries: node outputs with a known type that are not graph outputs,
+    then the entries the model gave for inputs and initializers."""
     outputs = {id(v) for v in g.outputs}
     for node in g.nodes:
         for v in node.outputs:
             if v is not None and id(v) not in outputs and (v.dtype is not None or v.type is not None):
-                yield v
+                yield _value_info(v)
+    for v in list(g.inputs) + [v for v in g.initializers.values() if not v.is_graph_input]:
+        if v.value_info is not None:
+            entry = onnx.ValueInfoProto()
+            entry.CopyFrom(v.value_info)
+            entry.name = v.name
+            yield entry
 
 
 def _given(**fields):
@@ -272,11 +297,11 @@ def _all_tensors(model: Model):
                     yield from a.value
 
 
-def _has_external(model: Model) -> bool:
+def has_external(model: Model) -> bool:
     return any(t.is_external for t in _all_tensors(model))
 
 
-def _tensor_bytes(model: Model) -> int:
+def tensor_bytes(model: Model) -> int:
     return sum(t.nbytes for t in _all_tensors(model))
 
 

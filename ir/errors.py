@@ -2,10 +2,18 @@
 `compiler` re-exports them. Every message is one line that says what and where."""
 
 
+# Line breaks and control characters, e.g. in the names of a corrupt model, shown escaped.
+_ESCAPES = {c: f"\\x{c:02x}" for c in (*range(32), 0x7F, 0x85)}
+_ESCAPES.update({0x09: "\\t", 0x0A: "\\n", 0x0D: "\\r", 0x2028: "\\u2028", 0x2029: "\\u2029"})
+
+
 class CompileError(Exception):
     """Base of every error caused by the user's input or options."""
 
     exit_code = 2  # bad input or usage; verification failures override this
+
+    def __str__(self) -> str:
+        return super().__str__().translate(_ESCAPES)  # one line, whatever the names hold
 
 
 class ModelLoadError(CompileError):

@@ -9,7 +9,7 @@ from pathlib import Path
 from onnx import TensorProto
 
 from .errors import ExternalDataError
-from .tensors import ExternalTensor, dtype_name, storage_bytes
+from .tensors import ExternalTensor, checked_numel, dtype_name, storage_bytes
 
 
 def external_tensor(proto: TensorProto, base_dir: Path | None, where: str) -> ExternalTensor:
@@ -27,15 +27,17 @@ def external_tensor(proto: TensorProto, base_dir: Path | None, where: str) -> Ex
         length = int(info["length"]) if "length" in info else None
     except ValueError:
         raise ExternalDataError(f"{where}: external data offset/length is not an integer") from None
-    expected = storage_bytes(proto.data_type, _numel(proto))
+    expected = storage_bytes(proto.data_type, checked_numel(proto, where))
     if expected is None:
         raise ExternalDataError(f"{where}: string tensors cannot be stored as external data")
     if length is not None and length != expected:
         raise ExternalDataError(
             f"{where}: external data length {length} does not match shape {list(proto.dims)} "
             f"of {dtype_name(proto.data_type)} ({expected} bytes)")
+    if offset < 0:
+        raise ExternalDataError(f"{where}: external data offset {offset} is negative")
     size = path.stat().st_size
-    if offset < 0 or offset + expected > size:
+    if offset + expected > size:
         raise ExternalDataError(
             f"{where}: external data [{offset}, {offset + expected}) does not fit in "
             f"'{location}' ({size} bytes)")
@@ -52,15 +54,9 @@ def _inside(base_dir: Path, location: str, where: str) -> Path:
     if os.path.commonpath([base, real]) != base:
         raise ExternalDataError(
             f"{where}: external data location '{location}' points outside the model's folder")
-    if not os.path.isfile(real):
+    if not os.path.exists(real):
         raise ExternalDataError(f"{where}: external data file '{location}' not found in {base_dir}")
+    if not os.path.isfile(real):
+        raise ExternalDataError(f"{where}: external data location '{location}' is not a file")
     return Path(real)
 
-
-def _numel(proto: TensorProto) -> int:
-    n = 1
-    for d in proto.dims:
-        if d < 0:
-            raise ExternalDataError(f"tensor '{proto.name}': negative dimension in shape {list(proto.dims)}")
-        n *= d
-    return n

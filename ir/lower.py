@@ -12,11 +12,12 @@ from pathlib import Path
 from typing import Iterable
 
 import onnx
+from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import DecodeError
 from onnx import AttributeProto as A
 from onnx import TensorProto
 
-from .errors import CompileError, MalformedModelError, ModelLoadError
+from .errors import MalformedModelError, ModelLoadError
 from .external import external_tensor
 from .graph import Function, Graph, Model
 from .node import Attr, Node
@@ -32,16 +33,21 @@ def load(source, *, base_dir: str | os.PathLike | None = None) -> Model:
     if isinstance(source, onnx.ModelProto):
         proto, where = source, "model"
     elif isinstance(source, (bytes, bytearray, memoryview)):
-        proto, where = _parse(bytes(source), "model bytes"), "model"
+        where = "model bytes"
+        proto = _parse(bytes(source), where, "empty (0 bytes)")
     elif isinstance(source, (str, os.PathLike)):
         path = Path(source)
-        proto, where = _parse(_read(path), str(path)), str(path)
+        where = str(path)
+        proto = _parse(_read(path), where, "empty file (0 bytes)")
         base_dir = path.parent if base_dir is None else base_dir
     else:
-        raise CompileError(f"cannot read a model from a {type(source).__name__}; "
-                           "give a path, bytes or onnx.ModelProto")
+        raise ModelLoadError(f"cannot read a model from an object of type {type(source).__name__}; "
+                             "give a path, bytes or onnx.ModelProto")
     if not proto.HasField("graph"):
-        raise ModelLoadError(f"{where}: empty model (no graph)")
+        raise ModelLoadError(f"{where}: no graph (an empty model, or not an ONNX model)")
+    if proto.ir_version >= 3 and not proto.opset_import:
+        raise MalformedModelError(f"{where}: no opset_import (required since IR version 3; truncated file?)")
+    _check_text(proto, where)
     return _Lowerer(Path(base_dir) if base_dir is not None else None).model(proto)
 
 
@@ -56,16 +62,36 @@ def _read(path: Path) -> bytes:
         raise ModelLoadError(f"{path}: cannot read ({e.strerror})") from None
 
 
-def _parse(data: bytes, where: str) -> onnx.ModelProto:
+def _parse(data: bytes, where: str, empty: str) -> onnx.ModelProto:
     if not data:
-        raise ModelLoadError(f"{where}: empty file")
+        raise ModelLoadError(f"{where}: {empty}")
     proto = onnx.ModelProto()
     try:
         proto.ParseFromString(data)
-    except (DecodeError, RuntimeError, ValueError) as e:
-        reason = str(e).splitlines()[0] if str(e) else "truncated or not protobuf"
-        raise ModelLoadError(f"{where}: not a valid ONNX model ({reason})") from None
+    except (DecodeError, RuntimeError, ValueError):
+        # protobuf's own reason ("Error parsing message...") says no more than this
+        raise ModelLoadError(f"{where}: not a valid ONNX model (truncated, or not protobuf)") from None
     return proto
+
+
+def _check_text(message, where: str) -> None:
+    """ONNX's protos are proto2, whose parser does not check that strings are UTF-8: upb
+    hands back the bytes of a corrupt name, which would break every later step."""
+    for field, value in message.ListFields():
+        if field.type == FieldDescriptor.TYPE_STRING:
+            if any(isinstance(s, bytes) for s in (value if _repeated(field) else (value,))):
+                raise ModelLoadError(
+                    f"{where}: not a valid ONNX model (a {field.containing_type.name}.{field.name} "
+                    "string is not UTF-8; is the file corrupt?)")
+        elif field.type == FieldDescriptor.TYPE_MESSAGE:
+            for sub in value if _repeated(field) else (value,):
+                _check_text(sub, where)
+
+
+def _repeated(field: FieldDescriptor) -> bool:
+    if hasattr(field, "is_repeated"):  # newer protobuf; older ones only have `label`
+        return field.is_repeated
+    return field.label == FieldDescriptor.LABEL_REPEATED
 
 
 class _Lowerer:
@@ -128,7 +154,7 @@ class _Lowerer:
         for vi in inputs:
             g.add_input(_typed(define(Value(vi.name), "graph input"), vi))
         for tp in initializers:
-            tensor = self.tensor(tp, f"initializer '{tp.name}'")
+            tensor = self.tensor(tp, f"{where}: initializer '{tp.name}'")
             existing = local.get(tp.name)
             if existing is not None and existing.is_graph_input and existing.tensor is None:
                 existing.tensor = tensor  # an overridable input with a default value
@@ -137,7 +163,7 @@ class _Lowerer:
                 g.add_initializer(define(Value(tp.name, tensor.dtype, tensor.shape, tensor=tensor),
                                          "initializer"))
         for sp in sparse:
-            tensor = self.sparse(sp)
+            tensor = self.sparse(sp, where)
             g.add_initializer(define(Value(sp.values.name, tensor.dtype, tensor.shape, tensor=tensor),
                                      "sparse initializer"))
 
@@ -154,7 +180,11 @@ class _Lowerer:
 
         for vi in value_info:
             v = local.get(vi.name)
-            if v is not None and v.dtype is None and v.type is None:
+            if v is None:
+                continue
+            if v.producer is None:
+                v.value_info = _copy(vi)
+            elif v.dtype is None and v.type is None:
                 _typed(v, vi)
         for vi in outputs:
             v = scope.get(vi.name)
@@ -185,7 +215,7 @@ class _Lowerer:
         for ap in np_.attribute:
             if ap.name in attrs:
                 raise MalformedModelError(f"{where}: {here} has attribute '{ap.name}' twice")
-            attrs[ap.name] = self.attr(ap, scope, f"{here} attribute '{ap.name}'")
+            attrs[ap.name] = self.attr(ap, scope, f"{where}: {here} attribute '{ap.name}'")
         node = Node(np_.op_type, inputs, outs, domain=np_.domain, name=name, attributes=attrs,
                     overload=getattr(np_, "overload", ""))
         node.doc_string = np_.doc_string
@@ -242,8 +272,8 @@ class _Lowerer:
         check_inline_tensor(tp, where)
         return ProtoTensor(tp)
 
-    def sparse(self, sp: onnx.SparseTensorProto) -> SparseTensor:
-        where = f"sparse initializer '{sp.values.name}'"
+    def sparse(self, sp: onnx.SparseTensorProto, graph: str) -> SparseTensor:
+        where = f"{graph}: sparse initializer '{sp.values.name}'"
         values = self.tensor(sp.values, where)
         indices = self.tensor(sp.indices, where + " indices")
         nnz = values.shape[0] if values.shape else 0
@@ -291,7 +321,12 @@ def _sort(g: Graph, where: str) -> None:
             if waiting[u] == 0:
                 heapq.heappush(ready, u)
     if len(order) != len(g.nodes):
-        stuck = next(n for i, n in enumerate(g.nodes) if waiting[i] > 0)
+        # Every node left waits on another node left; follow them until one repeats.
+        i, seen = next(i for i, w in enumerate(waiting) if w > 0), set()
+        while i not in seen:
+            seen.add(i)
+            i = next(j for j in deps[i] if waiting[j] > 0)
+        stuck = g.nodes[i]
         raise MalformedModelError(f"{where}: node '{stuck.name}' ({stuck.op_type}) is part of a cycle")
     g.nodes = [g.nodes[i] for i in order]
 

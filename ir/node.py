@@ -85,9 +85,14 @@ class Node:
             value._uses.append((self, index))
 
     def detach_inputs(self) -> None:
-        """Drop this node's uses of its inputs (when the node leaves the graph)."""
+        """Drop this node's uses of its inputs, and its bodies' uses of outer values
+        (when the node leaves the graph)."""
         for i in range(len(self._inputs)):
             self.set_input(i, None)
+        for sub in self.subgraphs():
+            for inner in sub.walk():
+                for i in range(len(inner._inputs)):
+                    inner.set_input(i, None)
 
     def subgraphs(self) -> Iterator[Graph]:
         for attr in self.attributes.values():

@@ -164,16 +164,24 @@ class ExternalTensor(Tensor):
         self.dtype = dtype
         self.shape = shape
         self._template = proto  # keeps doc_string / metadata of the original proto
+        self._held: bytes | None = None  # the bytes, once the file they were in is replaced
 
     @property
     def is_external(self) -> bool:
-        return True
+        return self._held is None
+
+    def hold(self, data: bytes) -> None:
+        """Keep the (small) data in memory: its file is being replaced by one without it."""
+        self._held = data
 
     def numpy(self) -> np.ndarray:
         if self.dtype in _PACKED_BITS:
             return numpy_helper.to_array(self.to_proto(""))
         if self.numel == 0:
             return np.zeros(self.shape, np_dtype(self.dtype))
+        if self._held is not None:
+            arr = np.frombuffer(self._held, dtype=np_dtype(self.dtype).newbyteorder("<"))
+            return arr.astype(arr.dtype.newbyteorder("="), copy=False).reshape(self.shape)
         return np.memmap(self.path, dtype=np_dtype(self.dtype).newbyteorder("<"), mode="r",
                          offset=self.offset, shape=self.shape)
 
@@ -187,6 +195,9 @@ class ExternalTensor(Tensor):
         return out
 
     def iter_bytes(self) -> Iterator[bytes]:
+        if self._held is not None:
+            yield self._held
+            return
         # Plain reads, not the mapping: copying a huge weight must not grow the RSS.
         left = self.nbytes
         with open(self.path, "rb") as f:
@@ -199,6 +210,8 @@ class ExternalTensor(Tensor):
                 yield chunk
 
     def _sample_windows(self) -> bytes:
+        if self._held is not None:
+            return super()._sample_windows()
         step = self.nbytes // 64
         with open(self.path, "rb") as f:
             parts = []
@@ -246,12 +259,17 @@ class SparseTensor(Tensor):
         return numpy_helper.from_array(self.numpy(), name)
 
 
-def check_inline_tensor(proto: TensorProto, where: str) -> None:
-    """Raise if an in-file tensor's data does not match its declared shape and type."""
+def checked_numel(proto: TensorProto, where: str) -> int:
+    """Element count of a tensor whose data type is known and whose dims are not negative."""
     _check_dtype(proto.data_type, where)
     if any(d < 0 for d in proto.dims):
         raise MalformedModelError(f"{where}: negative dimension in shape {list(proto.dims)}")
-    numel = math.prod(proto.dims)
+    return math.prod(proto.dims)
+
+
+def check_inline_tensor(proto: TensorProto, where: str) -> None:
+    """Raise if an in-file tensor's data does not match its declared shape and type."""
+    numel = checked_numel(proto, where)
     expected_raw = storage_bytes(proto.data_type, numel)
     if proto.HasField("raw_data"):
         if expected_raw is None:
@@ -291,4 +309,4 @@ def constant_tensor(attr_name: str, value) -> Tensor | None:
 
 
 __all__ = ["Tensor", "ProtoTensor", "ExternalTensor", "ArrayTensor", "SparseTensor", "dtype_name", "np_dtype",
-           "storage_bytes", "check_inline_tensor", "constant_tensor"]
+           "storage_bytes", "checked_numel", "check_inline_tensor", "constant_tensor"]

@@ -24,7 +24,7 @@ class Value:
     """
 
     __slots__ = ("name", "dtype", "shape", "type", "tensor", "doc_string",
-                 "metadata_props", "producer", "index", "_uses", "_is_graph_input")
+                 "metadata_props", "value_info", "producer", "index", "_uses", "_is_graph_input")
 
     def __init__(self, name: str, dtype: int | None = None, shape: Shape | None = None, *,
                  tensor: Tensor | None = None, type: TypeProto | None = None):
@@ -35,6 +35,9 @@ class Value:
         self.tensor = tensor
         self.doc_string = ""
         self.metadata_props: dict[str, str] = {}
+        # A value_info entry the model gave for a graph input or initializer (exporters put
+        # provenance there); kept as given and emitted again under the value's name.
+        self.value_info = None
         self.producer: Node | None = None
         self.index: int | None = None
         self._uses: list[tuple[Node, int]] = []

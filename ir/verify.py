@@ -18,6 +18,7 @@ class _Checker:
     def __init__(self):
         self.value_names: dict[str, Value] = {}
         self.node_names: set[str] = set()
+        self.nodes_seen: set[int] = set()
         self.uses_seen = 0
         self.uses_listed = 0
 
@@ -56,6 +57,7 @@ class _Checker:
             if not node.name or node.name in self.node_names:
                 raise InvariantError(f"{here} has an empty or duplicate name")
             self.node_names.add(node.name)
+            self.nodes_seen.add(id(node))
             for i, v in enumerate(node.inputs):
                 if v is None:
                     continue
@@ -81,7 +83,7 @@ class _Checker:
                 raise InvariantError(f"{where}: graph output %{v.name} is not produced")
         for v in listed:
             for node, i in v._uses:
-                if node.graph is None or i >= len(node.inputs) or node.inputs[i] is not v:
+                if id(node) not in self.nodes_seen or i >= len(node.inputs) or node.inputs[i] is not v:
                     raise InvariantError(f"{where}: %{v.name} lists a use by '{node.name}' input {i} "
                                          "that does not read it")
             self.uses_listed += len(v._uses)

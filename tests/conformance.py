@@ -24,7 +24,7 @@ def run_ort(model: onnx.ModelProto | str, feeds: list) -> list:
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 1
-    opts.log_severity_level = 3
+    opts.log_severity_level = 4  # errors come back as exceptions; ORT need not print them too
     blob = model if isinstance(model, str) else model.SerializeToString()
     sess = ort.InferenceSession(blob, opts, providers=["CPUExecutionProvider"])
     names = [i.name for i in sess.get_inputs()]

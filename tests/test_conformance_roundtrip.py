@@ -26,7 +26,10 @@ def roundtrip(model: onnx.ModelProto) -> onnx.ModelProto:
     return ir.to_proto(lowered)
 
 
-def check_case(model: onnx.ModelProto, data_sets, rtol: float, atol: float) -> None:
+def check_case(model: onnx.ModelProto, data_sets, rtol: float, atol: float, transform=None) -> None:
+    """Skip unless onnxruntime runs the original and matches onnx's expected outputs; then
+    `transform(model, data_sets)` (default: the IR round trip) must still match them,
+    bit-identical to the original's outputs."""
     originals = []
     for inputs, expected in data_sets:
         try:
@@ -36,7 +39,7 @@ def check_case(model: onnx.ModelProto, data_sets, rtol: float, atol: float) -> N
         if (why := matches(got, expected, rtol, atol)) is not None:
             pytest.skip(f"onnxruntime's result on the original differs from onnx's expected output: {why}")
         originals.append(got)
-    emitted = roundtrip(model)
+    emitted = transform(model, data_sets) if transform else roundtrip(model)
     for (inputs, expected), original in zip(data_sets, originals):
         got = run_ort(emitted, inputs)  # an exception here is our failure, never a skip
         assert matches(got, expected, rtol, atol) is None
