@@ -1,5 +1,9 @@
-"""The `onnxcc` command line. Exit codes: 0 success, 1 verification failed, 2 bad input
-or usage. Errors are one line on stderr; `--traceback` shows the Python traceback."""
+"""The `onnxcc` command line.
+
+Exit codes: 0 success, 1 verification failed, 2 bad input or usage, 3 internal error (a bug
+of onnxcc: rerun with --traceback and report it). Errors are one line on stderr; the
+Python traceback is shown only with --traceback. Nothing is written unless verification
+passed."""
 
 from __future__ import annotations
 
@@ -9,49 +13,105 @@ from pathlib import Path
 
 import ir
 
+from .api import check_output_folder, compile as compile_model
 from .errors import CompileError
 from .inspect_model import describe
+from .pipeline import PIPELINES
 
 EXAMPLES = """\
 examples:
-  onnxcc inspect model.onnx            op histogram, parameters by dtype, inputs/outputs
+  onnxcc compile model.onnx -o out.onnx
+  onnxcc compile model.onnx -o out.onnx --debug-dump dump/          one folder of files per pass
+  onnxcc compile model.onnx -o out.onnx --input-shape x=1,3,224,224 bind symbolic dims for verification
+  onnxcc compile model.onnx -o out.onnx --verify-data feeds/        .npz files or test_data_set_* folders
+  onnxcc compile model.onnx -o out.onnx --verify-each-pass          name the first pass that breaks numerics
+  onnxcc inspect model.onnx                                         ops, parameters, signature, metadata
+
+exit codes: 0 success, 1 verification failed, 2 bad input or usage, 3 internal error
 """
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors are one line on stderr like every other error (exit 2), without
+    argparse's multi-line usage block; --help still shows it."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="onnxcc", description="Ahead-of-time compiler for ONNX models.",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    p = sub.add_parser("inspect", help="describe a model: ops, parameters, signature, metadata",
+    c = sub.add_parser("compile", help="compile a model through a pipeline, verify it, write it",
+                       description="Lower MODEL, run a pipeline of rewrites, check the result against "
+                                   "the input in onnxruntime, and write it to OUT only if it verifies.",
+                       epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    c.add_argument("model", type=Path, help="input .onnx file (external data is read beside it)")
+    c.add_argument("-o", "--output", type=Path, required=True,
+                   help="output .onnx file; large weights go to OUT.data when the input had external data")
+    c.add_argument("--pipeline", default="default", choices=sorted(PIPELINES),
+                   help="named pipeline (default: %(default)s)")
+    c.add_argument("--debug-dump", type=Path, metavar="DIR",
+                   help="write NNN_<pass>.onnx/.txt/.diff per pass and summary.txt into DIR")
+    c.add_argument("--no-verify", action="store_true", help="skip the final check in onnxruntime")
+    c.add_argument("--verify-each-pass", action="store_true",
+                   help="check after every pass and name the first one that changes the outputs")
+    c.add_argument("--verify-data", type=Path, metavar="DIR",
+                   help="feeds for verification: .npz files (keys are input names) or test_data_set_* "
+                        "folders; default: 2 seeded random feeds")
+    c.add_argument("--input-shape", action="append", default=[], metavar="NAME=D1,D2,...",
+                   help="bind an input's symbolic dimensions for random feeds (repeatable; unbound "
+                        "symbolic dimensions are 1)")
+    c.add_argument("--traceback", action="store_true", help="show the Python traceback on error")
+
+    i = sub.add_parser("inspect", help="describe a model: ops, parameters, signature, metadata",
                        description="Describe a model: op histogram, parameters and bytes by dtype, "
                                    "opsets, inputs and outputs with shapes, subgraphs, metadata keys.")
-    p.add_argument("model", type=Path, help="an .onnx file (external data is read beside it)")
-    p.add_argument("--traceback", action="store_true", help="show the Python traceback on error")
+    i.add_argument("model", type=Path, help="an .onnx file (external data is read beside it)")
+    i.add_argument("--traceback", action="store_true", help="show the Python traceback on error")
     return parser
-
-
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
-    except SystemExit as e:  # argparse already printed usage; 2 on bad usage, 0 on --help
+    except SystemExit as e:  # argparse printed a one-line usage error (code 2) or help (code 0)
         return int(e.code or 0)
     try:
-        if args.command == "inspect":
-            return _inspect(args)
+        return _compile(args) if args.command == "compile" else _inspect(args)
     except CompileError as e:
         if args.traceback:
             raise
-        print(f"onnxcc: error: {e}", file=sys.stderr)
+        kind = "internal error" if e.exit_code == 3 else "error"
+        hint = " (rerun with --traceback and report it)" if e.exit_code == 3 else ""
+        print(f"onnxcc: {kind}: {e}{hint}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
-        print("onnxcc: interrupted", file=sys.stderr)
+        print("onnxcc: interrupted; nothing was written", file=sys.stderr)
         return 130
-    return 2
+    except Exception as e:  # noqa: BLE001 - a bug of ours: one line, not a traceback
+        if args.traceback:
+            raise
+        print(f"onnxcc: internal error: {type(e).__name__}: {e} (rerun with --traceback and report it)",
+              file=sys.stderr)
+        return 3
+
+
+def _compile(args) -> int:
+    if args.output.is_dir():
+        raise CompileError(f"output '{args.output}' is a folder; give a file name")
+    check_output_folder(args.output)  # before compiling, not after minutes of work
+    result = compile_model(args.model, pipeline=args.pipeline, verify=not args.no_verify,
+                           verify_each_pass=args.verify_each_pass, debug_dump=args.debug_dump,
+                           verify_data=args.verify_data, input_shapes=args.input_shape)
+    result.save(args.output)
+    print(result.report)
+    print(f"wrote {args.output}")
+    return 0
 
 
 def _inspect(args) -> int:

@@ -1,0 +1,130 @@
+"""The Python API: `compile(model, ...) -> CompileResult`."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import onnx
+
+import ir
+from rewrites.base import Pass
+
+from .errors import CompileError
+from .feeds import as_feed, load_feeds, parse_input_shapes, random_feeds
+from .instruments import DebugDump, VerifyEachPass
+from .pass_manager import PassManager, count_nodes, param_bytes
+from .pipeline import get_pipeline
+from .report import CompileReport
+from .verify import EXACT, Tolerance, VerificationError, compare, run, runnable
+
+
+@dataclass
+class CompileResult:
+    ir_model: ir.Model
+    report: CompileReport
+
+    @property
+    def model(self) -> onnx.ModelProto:
+        """The compiled model as an `onnx.ModelProto` (every tensor inline)."""
+        return ir.to_proto(self.ir_model)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the model atomically; large weights go to `<path>.data` when the input had
+        external data or the model exceeds one protobuf."""
+        path = Path(path)
+        check_output_folder(path)
+        try:
+            ir.save(self.ir_model, path)
+        except OSError as e:  # full disk, no permission: the user's environment, not our bug
+            raise CompileError(f"cannot write '{path}': {e.strerror or e}") from None
+        return path
+
+
+def check_output_folder(path: Path) -> None:
+    """The folder `path` goes into must exist (and be a folder): never created on a guess."""
+    if not path.parent.exists():
+        raise CompileError(f"output folder '{path.parent}' does not exist")
+    if not path.parent.is_dir():
+        raise CompileError(f"output folder '{path.parent}' is not a folder")
+
+
+def compile(model, *, pipeline: str | Sequence[Pass] = "default", verify: bool = True,
+            verify_each_pass: bool = False, debug_dump: str | os.PathLike | None = None,
+            verify_data: str | os.PathLike | None = None, feeds: Sequence[dict] | None = None,
+            input_shapes: dict[str, Sequence[int]] | Sequence[str] | None = None,
+            tolerance: Tolerance = EXACT) -> CompileResult:
+    """Compile `model` (a path, bytes, `onnx.ModelProto` or `onnx_graphsurgeon.Graph`; the
+    caller's object is never modified) through `pipeline` (a name or a list of passes), then
+    check the result against the input in onnxruntime unless `verify=False`.
+
+    Verification feeds: `feeds` (feed dicts), else `verify_data` (a folder), else two seeded
+    random feeds with symbolic dimensions bound by `input_shapes` ({name: dims} or
+    ["name=1,3,224,224"]) or set to 1."""
+    source = _as_source(model)
+    ir_model = ir.load(source)
+    pipeline_name = pipeline if isinstance(pipeline, str) else "custom"
+    passes = get_pipeline(pipeline) if isinstance(pipeline, str) else list(pipeline)
+    report = CompileReport(pipeline_name, nodes_before=count_nodes(ir_model),
+                           param_bytes_before=param_bytes(ir_model))
+
+    shapes = parse_input_shapes(input_shapes) if _is_spec_list(input_shapes) else \
+        {k: tuple(v) for k, v in (input_shapes or {}).items()}  # parsed even unused: bad flags fail
+    reference = []
+    if verify or verify_each_pass:
+        if feeds is not None:
+            feeds = [as_feed(f) for f in feeds]
+        elif verify_data is not None:
+            feeds = load_feeds(Path(verify_data), ir_model)
+        else:
+            feeds = random_feeds(ir_model, shapes)
+        reference = run(_reference_source(source), feeds, "input model")
+
+    instruments = []
+    if debug_dump is not None:  # first, so the pass that breaks the numbers is dumped too
+        instruments.append(DebugDump(debug_dump))
+    if verify_each_pass:
+        instruments.append(VerifyEachPass(feeds, reference, tolerance))
+    report.records = PassManager(passes, instruments).run(ir_model)
+    report.nodes_after, report.param_bytes_after = count_nodes(ir_model), param_bytes(ir_model)
+
+    if verify:
+        scratch = Path(tempfile.mkdtemp(prefix="onnxcc-verify-"))
+        try:
+            outputs = run(runnable(ir_model, scratch), feeds, "compiled model")
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        report.verification = compare(reference, outputs, tolerance)
+        if not report.verification.ok:
+            raise VerificationError(f"verification failed: {report.verification.worst()}")
+    return CompileResult(ir_model, report)
+
+
+def _as_source(model):
+    """Paths, bytes and ModelProtos go to `ir.load` as they are; a graphsurgeon Graph is
+    exported to a ModelProto first."""
+    if type(model).__module__.startswith("onnx_graphsurgeon"):
+        import onnx_graphsurgeon as gs
+
+        try:
+            return gs.export_onnx(model)
+        except Exception as e:  # noqa: BLE001 - graphsurgeon raises assorted errors
+            raise CompileError(f"cannot export the onnx-graphsurgeon graph: {e}") from None
+    return model
+
+
+def _reference_source(source) -> bytes | Path:
+    """The input exactly as the user gave it, for onnxruntime to run."""
+    if isinstance(source, onnx.ModelProto):
+        return source.SerializeToString()
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return bytes(source)
+    return Path(source)
+
+
+def _is_spec_list(shapes) -> bool:
+    return isinstance(shapes, (list, tuple)) and all(isinstance(s, str) for s in shapes)

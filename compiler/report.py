@@ -1,0 +1,54 @@
+"""The compile report: one row per pass, and the final verification."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ir.printer import format_bytes
+
+from .pass_manager import PassRecord
+from .verify import Verification
+
+
+@dataclass
+class CompileReport:
+    pipeline: str
+    records: list[PassRecord] = field(default_factory=list)
+    verification: Verification | None = None
+    nodes_before: int = 0
+    nodes_after: int = 0
+    param_bytes_before: int = 0
+    param_bytes_after: int = 0
+
+    def rewrites_by_rule(self) -> dict[str, int]:
+        total: dict[str, int] = {}
+        for r in self.records:
+            for rule, count in r.log.by_rule().items():
+                total[rule] = total.get(rule, 0) + count
+        return total
+
+    def headline(self) -> str:
+        line = (f"pipeline '{self.pipeline}': {self.nodes_before} -> {self.nodes_after} nodes, "
+                f"{format_bytes(self.param_bytes_before)} -> {format_bytes(self.param_bytes_after)} parameters")
+        if self.verification is not None:
+            v = self.verification
+            line += f"; verified on {v.feeds} feed{'' if v.feeds == 1 else 's'}: {v.worst()}"
+        return line
+
+    def __str__(self) -> str:
+        return self.headline() + "\n" + summary_table(self.records)
+
+
+def summary_table(records: list[PassRecord]) -> str:
+    header = ("#", "pass", "changed", "rewrites", "nodes", "params", "ms", "error vs input")
+    rows = [header]
+    for r in records:
+        rules = ", ".join(f"{k} {v}" for k, v in sorted(r.log.by_rule().items())) or "-"
+        rows.append((f"{r.index:03d}", r.name, "yes" if r.changed else "no", rules,
+                     f"{r.nodes_before} -> {r.nodes_after}",
+                     f"{format_bytes(r.param_bytes_before)} -> {format_bytes(r.param_bytes_after)}",
+                     f"{r.seconds * 1000:.1f}", r.error or "-"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines) + "\n"
