@@ -97,20 +97,8 @@ class Rewriter:
         self.log.record(Change(self.rule, kind, target, detail))
 
     def fresh_name(self, base: str) -> str:
-        name, k = base, 0
-        while name in self._names:
-            k += 1
-            name = f"{base}_{k}"
-        self._names.add(name)
-        return name
-
-    def _fresh_node_name(self, base: str) -> str:
-        name, k = base, 0
-        while name in self._node_names:
-            k += 1
-            name = f"{base}_{k}"
-        self._node_names.add(name)
-        return name
+        """A value name not used anywhere in the model: `base`, else `base_1`, `base_2`..."""
+        return _claim(base, self._names)
 
     def add_node(self, graph: Graph, before: Node | None, op_type: str, inputs: Iterable[Value | None],
                  num_outputs: int = 1, *, domain: str = "", name: str = "",
@@ -119,7 +107,7 @@ class Rewriter:
         base = name or op_type
         outputs = [Value(self.fresh_name(f"{base}_out{i}" if num_outputs > 1 else f"{base}_out"))
                    for i in range(num_outputs)]
-        node = Node(op_type, inputs, outputs, domain=domain, name=self._fresh_node_name(base),
+        node = Node(op_type, inputs, outputs, domain=domain, name=_claim(base, self._node_names),
                     attributes=attributes)
         if before is None:
             graph.append(node)
@@ -197,6 +185,15 @@ class Rewriter:
         """No output of the node is read by a node or is a graph output."""
         outputs = self._graph_outputs()
         return all(v is None or (not v.uses and id(v) not in outputs) for v in node.outputs)
+
+
+def _claim(base: str, taken: set[str]) -> str:
+    name, k = base, 0
+    while name in taken:
+        k += 1
+        name = f"{base}_{k}"
+    taken.add(name)
+    return name
 
 
 def _name(v: Value | None) -> str:
