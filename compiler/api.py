@@ -53,14 +53,16 @@ def check_output_folder(path: Path) -> None:
         raise CompileError(f"output folder '{path.parent}' is not a folder")
 
 
-def compile(model, *, pipeline: str | Sequence[Pass] = "default", verify: bool = True,
+def compile(model, *, pipeline: str | Sequence[Pass] = "default", pipeline_options: dict | None = None,
+            verify: bool = True,
             verify_each_pass: bool = False, debug_dump: str | os.PathLike | None = None,
             verify_data: str | os.PathLike | None = None, feeds: Sequence[dict] | None = None,
             input_shapes: dict[str, Sequence[int]] | Sequence[str] | None = None,
             tolerance: Tolerance = EXACT) -> CompileResult:
     """Compile `model` (a path, bytes, `onnx.ModelProto` or `onnx_graphsurgeon.Graph`; the
-    caller's object is never modified) through `pipeline` (a name or a list of passes), then
-    check the result against the input in onnxruntime unless `verify=False`.
+    caller's object is never modified) through `pipeline` (a name, with `pipeline_options`
+    for its function in compiler/pipeline.py, or a list of passes), then check the result
+    against the input in onnxruntime unless `verify=False`.
 
     Verification feeds: `feeds` (feed dicts), else `verify_data` (a folder), else two seeded
     random feeds with symbolic dimensions bound by `input_shapes` ({name: dims} or
@@ -68,7 +70,8 @@ def compile(model, *, pipeline: str | Sequence[Pass] = "default", verify: bool =
     source = _as_source(model)
     ir_model = ir.load(source)
     pipeline_name = pipeline if isinstance(pipeline, str) else "custom"
-    passes = get_pipeline(pipeline) if isinstance(pipeline, str) else list(pipeline)
+    passes = get_pipeline(pipeline, **(pipeline_options or {})) if isinstance(pipeline, str) \
+        else list(pipeline)
     report = CompileReport(pipeline_name, nodes_before=count_nodes(ir_model),
                            param_bytes_before=param_bytes(ir_model))
 

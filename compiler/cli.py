@@ -25,6 +25,8 @@ examples:
   onnxcc compile model.onnx -o out.onnx --input-shape x=1,3,224,224 bind symbolic dims for verification
   onnxcc compile model.onnx -o out.onnx --verify-data feeds/        .npz files or test_data_set_* folders
   onnxcc compile model.onnx -o out.onnx --verify-each-pass          name the first pass that breaks numerics
+  onnxcc compile old.onnx -o out.onnx --freeze-inputs --allow-growth --fold-size-limit 1G
+                                                                    fold everything, even if it grows
   onnxcc inspect model.onnx                                         ops, parameters, signature, metadata
 
 exit codes: 0 success, 1 verification failed, 2 bad input or usage, 3 internal error
@@ -54,6 +56,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output .onnx file; large weights go to OUT.data when the input had external data")
     c.add_argument("--pipeline", default="default", choices=sorted(PIPELINES),
                    help="named pipeline (default: %(default)s)")
+    c.add_argument("--fold-size-limit", type=_byte_size, metavar="BYTES",
+                   help="largest tensor constant folding may create (default 1MiB; suffixes K, M, G)")
+    c.add_argument("--allow-growth", action="store_true",
+                   help="let constant folding make the model larger (off: folding never grows it)")
+    c.add_argument("--freeze-inputs", action="store_true",
+                   help="treat graph inputs that have initializer defaults as constants (IR 3 models "
+                        "list every weight as an input); the model's signature loses them")
     c.add_argument("--debug-dump", type=Path, metavar="DIR",
                    help="write NNN_<pass>.onnx/.txt/.diff per pass and summary.txt into DIR")
     c.add_argument("--no-verify", action="store_true", help="skip the final check in onnxruntime")
@@ -105,13 +114,28 @@ def _compile(args) -> int:
     if args.output.is_dir():
         raise CompileError(f"output '{args.output}' is a folder; give a file name")
     check_output_folder(args.output)  # before compiling, not after minutes of work
-    result = compile_model(args.model, pipeline=args.pipeline, verify=not args.no_verify,
+    options = {k: v for k, v in (("fold_size_limit", args.fold_size_limit),
+                                 ("allow_growth", args.allow_growth or None),
+                                 ("freeze_inputs", args.freeze_inputs or None)) if v is not None}
+    result = compile_model(args.model, pipeline=args.pipeline, pipeline_options=options,
+                           verify=not args.no_verify,
                            verify_each_pass=args.verify_each_pass, debug_dump=args.debug_dump,
                            verify_data=args.verify_data, input_shapes=args.input_shape)
     result.save(args.output)
     print(result.report)
     print(f"wrote {args.output}")
     return 0
+
+
+def _byte_size(text: str) -> int:
+    """'1048576', '512K', '1M', '2G' (powers of 1024)."""
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    t = text.strip().upper().removesuffix("IB").removesuffix("B")
+    number, unit = (t[:-1], t[-1]) if t and t[-1] in units else (t, "")
+    try:
+        return int(float(number) * units[unit])
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a size (e.g. 1048576, 512K, 1M)") from None
 
 
 def _inspect(args) -> int:

@@ -29,6 +29,18 @@ class Tolerance:
     atol: float = 1e-5
     min_cosine: float = 0.0
 
+    def for_dtype(self, dtype: np.dtype) -> "Tolerance":
+        """Half-precision outputs round at about 1e-3 (float16) or 8e-3 (bfloat16) relative:
+        a rewrite that computes a constant once in higher precision moves them by an ulp or
+        two, so their floor is a few ulps."""
+        floor = _HALF_FLOORS.get(np.dtype(dtype).name)
+        if floor is None:
+            return self
+        rtol, atol = floor
+        return Tolerance(max(self.rtol, rtol), max(self.atol, atol), self.min_cosine)
+
+
+_HALF_FLOORS = {"float16": (4e-3, 1e-3), "bfloat16": (3e-2, 1e-2)}
 
 EXACT = Tolerance()
 
@@ -121,6 +133,7 @@ def _diff(name: str, ref, act, tol: Tolerance) -> OutputDiff:
         same = np.array_equal(ref, act)
         return OutputDiff(name, 0.0 if same else math.inf, 0.0, 1.0, math.inf, same,
                           "" if same else "differs (exact values expected)")
+    tol = tol.for_dtype(ref.dtype)
     r, a = ref.astype(np.float64), act.astype(np.float64)
     fin_r, fin_a = np.isfinite(r), np.isfinite(a)
     special_ok = np.array_equal(fin_r, fin_a) and np.array_equal(r[~fin_r], a[~fin_a], equal_nan=True)

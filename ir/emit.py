@@ -97,9 +97,8 @@ class _DataWriter:
         self.file.write(b"\0" * pad)
         self.offset += pad
         start = self.offset
-        for chunk in tensor.iter_bytes():
-            self.file.write(chunk)
-            self.offset += len(chunk)
+        tensor.copy_into(self.file)
+        self.offset = start + tensor.nbytes
         if isinstance(tensor, ExternalTensor):
             self.written.append((tensor, start))
         proto = TensorProto(name=name, data_type=tensor.dtype, dims=tensor.shape,
@@ -178,7 +177,7 @@ class _Emitter:
         return p
 
     def node(self, n: Node) -> onnx.NodeProto:
-        p = onnx.NodeProto(op_type=n.op_type, name=n.name, **_given(
+        p = onnx.NodeProto(op_type=n.op_type, **_given(name="" if n.name_generated else n.name,
             domain=n.domain, doc_string=n.doc_string, overload=n.overload))
         p.input.extend(v.name if v is not None else "" for v in n.inputs)
         p.output.extend(v.name if v is not None else "" for v in n.outputs)
@@ -259,12 +258,14 @@ def _value_info(v: Value) -> onnx.ValueInfoProto:
 
 
 def _value_infos(g: Graph):
-    """The value_info entries: node outputs with a known type that are not graph outputs,
-    then the entries the model gave for inputs and initializers."""
+    """The value_info entries: node outputs whose type the model declared (inferred types
+    stay in the IR) and that are not graph outputs, then the entries the model gave for
+    inputs and initializers."""
     outputs = {id(v) for v in g.outputs}
     for node in g.nodes:
         for v in node.outputs:
-            if v is not None and id(v) not in outputs and (v.dtype is not None or v.type is not None):
+            if v is not None and v.declared and id(v) not in outputs and \
+                    (v.dtype is not None or v.type is not None):
                 yield _value_info(v)
     for v in list(g.inputs) + [v for v in g.initializers.values() if not v.is_graph_input]:
         if v.value_info is not None:

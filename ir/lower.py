@@ -99,10 +99,12 @@ class _Lowerer:
         self.base_dir = base_dir
         self.value_names: set[str] = set()
         self.node_names: set[str] = set()
+        self.given_names: set[str] = set()  # names in the file: generated ones avoid them
 
     # -- model --------------------------------------------------------------------------
     def model(self, proto: onnx.ModelProto) -> Model:
         gp = proto.graph
+        self.given_names = _node_names(gp.node)
         graph = self.body(f"graph '{gp.name}'", gp.name, gp.input, gp.initializer,
                           gp.sparse_initializer, gp.node, gp.output, gp.value_info, None)
         graph.doc_string = gp.doc_string
@@ -119,6 +121,7 @@ class _Lowerer:
         )
         for fp in proto.functions:
             self.value_names, self.node_names = set(), set()  # a function is its own scope
+            self.given_names = _node_names(fp.node)
             model.functions.append(self.function(fp))
         return model
 
@@ -186,6 +189,7 @@ class _Lowerer:
                 v.value_info = _copy(vi)
             elif v.dtype is None and v.type is None:
                 _typed(v, vi)
+                v.declared = True
         for vi in outputs:
             v = scope.get(vi.name)
             if v is None:
@@ -198,7 +202,7 @@ class _Lowerer:
 
     def node(self, np_: onnx.NodeProto, outs: list, scope: Scope, where: str) -> Node:
         name = np_.name if np_.name and np_.name not in self.node_names else \
-            self._fresh(np_.name or np_.op_type, self.node_names)
+            self._fresh(np_.name or np_.op_type, self.node_names, self.given_names)
         self.node_names.add(name)
         here = f"node '{name}' ({np_.op_type})"
         inputs = []
@@ -218,6 +222,7 @@ class _Lowerer:
             attrs[ap.name] = self.attr(ap, scope, f"{where}: {here} attribute '{ap.name}'")
         node = Node(np_.op_type, inputs, outs, domain=np_.domain, name=name, attributes=attrs,
                     overload=getattr(np_, "overload", ""))
+        node.name_generated = not np_.name
         node.doc_string = np_.doc_string
         node.metadata_props = _props(getattr(np_, "metadata_props", ()))
         return node
@@ -284,11 +289,22 @@ class _Lowerer:
         return SparseTensor(sp, values, indices)
 
     @staticmethod
-    def _fresh(base: str, taken: set[str]) -> str:
+    def _fresh(base: str, *taken: set[str]) -> str:
         k = 1
-        while f"{base}__{k}" in taken:
+        while any(f"{base}__{k}" in t for t in taken):
             k += 1
         return f"{base}__{k}"
+
+
+def _node_names(nodes) -> set[str]:
+    """Every node name in these nodes and the bodies inside them."""
+    names = set()
+    for np_ in nodes:
+        names.add(np_.name)
+        for ap in np_.attribute:
+            for gp in ([ap.g] if ap.HasField("g") else []) + list(ap.graphs):
+                names |= _node_names(gp.node)
+    return names
 
 
 def _sort(g: Graph, where: str) -> None:

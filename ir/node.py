@@ -38,8 +38,8 @@ class Attr:
 
 
 class Node:
-    __slots__ = ("op_type", "domain", "name", "overload", "attributes", "doc_string",
-                 "metadata_props", "_inputs", "_outputs", "graph")
+    __slots__ = ("op_type", "domain", "name", "name_generated", "overload", "attributes",
+                 "doc_string", "metadata_props", "_inputs", "_outputs", "graph")
 
     def __init__(self, op_type: str, inputs: Iterable[Value | None] = (),
                  outputs: Iterable[Value | None] = (), *, domain: str = "", name: str = "",
@@ -47,6 +47,8 @@ class Node:
         self.op_type = op_type
         self.domain = domain
         self.name = name
+        # Lowering names unnamed nodes (names must be unique); emission leaves them unnamed.
+        self.name_generated = False
         self.overload = overload
         self.attributes: dict[str, Attr] = dict(attributes or {})
         self.doc_string = ""

@@ -24,7 +24,8 @@ class Value:
     """
 
     __slots__ = ("name", "dtype", "shape", "type", "tensor", "doc_string",
-                 "metadata_props", "value_info", "producer", "index", "_uses", "_is_graph_input")
+                 "metadata_props", "value_info", "declared", "producer", "index", "_uses",
+                 "_is_graph_input")
 
     def __init__(self, name: str, dtype: int | None = None, shape: Shape | None = None, *,
                  tensor: Tensor | None = None, type: TypeProto | None = None):
@@ -38,6 +39,9 @@ class Value:
         # A value_info entry the model gave for a graph input or initializer (exporters put
         # provenance there); kept as given and emitted again under the value's name.
         self.value_info = None
+        # The model declared this node output's type in value_info. Only declared types are
+        # written back: types that passes infer are working knowledge, not file content.
+        self.declared = False
         self.producer: Node | None = None
         self.index: int | None = None
         self._uses: list[tuple[Node, int]] = []

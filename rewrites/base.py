@@ -119,6 +119,8 @@ class Rewriter:
     def remove_node(self, node: Node) -> None:
         graph = node.graph
         graph.remove(node)
+        if any(True for _ in node.subgraphs()):
+            self._output_ids = None  # its bodies' outputs are no longer graph outputs
         self._record("remove-node", node.name, node.op_type)
 
     def set_input(self, node: Node, index: int, value: Value | None) -> None:
@@ -168,6 +170,47 @@ class Rewriter:
         out.dtype, out.shape = old.dtype, old.shape
         return out
 
+    def move_node(self, node: Node, graph: Graph, before: Node | None) -> None:
+        """Move a node (with its uses and outputs) into `graph` before `before` (or at the
+        end): inlining a body into its parent."""
+        node.graph.nodes.remove(node)
+        if before is None:
+            graph.append(node)
+        else:
+            graph.insert(graph.nodes.index(before), node)
+        self._record("move-node", node.name, f"into graph '{graph.name}'")
+
+    def move_initializer(self, value: Value, graph: Graph, source: Graph) -> None:
+        del source.initializers[value.name]
+        graph.add_initializer(value)
+        self._record("move-initializer", f"%{value.name}", f"into graph '{graph.name}'")
+
+    def lift_constant(self, node: Node) -> Value:
+        """Turn a Constant node into an initializer of its graph. The output Value stays the
+        same object, so every reader keeps reading it."""
+        value, tensor, graph = node.outputs[0], node.outputs[0].const, node.graph
+        graph.nodes.remove(node)
+        node.graph = None
+        node._outputs[0] = None
+        value.producer, value.index = None, None
+        value.tensor = tensor
+        value.dtype, value.shape = tensor.dtype, tensor.shape
+        graph.add_initializer(value)
+        self._record("lift-constant", f"%{value.name}", f"from node {node.name}")
+        return value
+
+    def freeze_input(self, graph: Graph, value: Value) -> None:
+        """A graph input with an initializer default stops being an input: its default
+        becomes a constant (the signature shrinks; only done when asked)."""
+        graph.inputs.remove(value)
+        value._is_graph_input = False
+        self._record("freeze-input", f"%{value.name}")
+
+    def set_type(self, value: Value, dtype: int | None, shape) -> None:
+        """Record a dtype/shape learnt by inference."""
+        value.dtype, value.shape = dtype, None if shape is None else tuple(shape)
+        self._record("set-type", f"%{value.name}")
+
     def add_initializer(self, graph: Graph, base_name: str, array: np.ndarray) -> Value:
         tensor = ArrayTensor(array)
         value = Value(self.fresh_name(base_name), tensor.dtype, tensor.shape, tensor=tensor)
@@ -215,10 +258,17 @@ class RewriteRule:
 
     op_type: ClassVar[str]
     domain: ClassVar[str] = ""
+    model: Model | None = None  # set by the driver before a sweep: rules may read opsets
 
     @property
     def name(self) -> str:
         return type(self).__name__
+
+    @property
+    def opset(self) -> int:
+        """The model's default-domain (ai.onnx) opset version."""
+        imports = self.model.opset_imports if self.model is not None else {}
+        return imports.get("", imports.get("ai.onnx", 1))
 
     def match(self, node: Node) -> Match | Reject:
         raise NotImplementedError
@@ -257,6 +307,7 @@ def apply_rules(model: Model, rules: list[RewriteRule], log: ChangeLog) -> bool:
     sweep changes nothing."""
     by_op: dict[tuple[str, str], list[RewriteRule]] = {}
     for rule in rules:
+        rule.model = model
         by_op.setdefault((rule.domain, rule.op_type), []).append(rule)
     rewriter = Rewriter(model, log)
     changed_any = False

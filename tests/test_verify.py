@@ -104,7 +104,8 @@ def test_verification_off_lets_the_broken_pipeline_through():
 
 
 def test_per_pass_verification_records_the_error_of_each_pass():
-    result = compiler.compile(add_model(), verify_each_pass=True)
+    result = compiler.compile(add_model(), pipeline=[remove_identity(), DeadCodeElimination()],
+                              verify_each_pass=True)
     assert [(r.name, r.error) for r in result.report.records] == [
         ("identity", "'y' max abs 0, max rel 0, cosine 1.000000, SQNR inf dB"),
         ("dead-code", "(unchanged)"),

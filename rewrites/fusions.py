@@ -1,0 +1,22 @@
+"""Portable fusions (plain ONNX ops only): the `fuse` pass.
+
+BatchNormalization, per-channel Mul and bias Add fold into the Conv/ConvTranspose/Gemm/MatMul
+before them (`fuse_affine`), MatMul + Add becomes Gemm, and written-out LayerNormalization
+(opset 17) and Gelu (opset 20) become single ops (`fuse_norms`, `fuse_gelu`).
+"""
+
+from __future__ import annotations
+
+from .base import RulePass
+from .fuse_affine import FuseBatchNorm, FuseConvAdd, FuseConvMul, FuseMatMulAdd
+from .fuse_gelu import FuseGelu
+from .fuse_norms import FuseLayerNorm
+
+
+def fuse() -> RulePass:
+    return RulePass([FuseBatchNorm(), FuseConvAdd(), FuseConvMul(), FuseMatMulAdd(),
+                     FuseLayerNorm(), FuseGelu()], name="fuse")
+
+
+__all__ = ["fuse", "FuseBatchNorm", "FuseConvAdd", "FuseConvMul", "FuseMatMulAdd", "FuseLayerNorm",
+           "FuseGelu"]

@@ -1,0 +1,67 @@
+"""Small, pure helpers that rules use to match: constants, attributes, single use."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ir import Graph, Node, Value
+
+
+def const(v: Value | None) -> np.ndarray | None:
+    """The value's constant data as an array, or None (not constant, or omitted)."""
+    if v is None:
+        return None
+    tensor = v.const
+    return None if tensor is None else tensor.numpy()
+
+
+def is_const(v: Value | None) -> bool:
+    return v is not None and v.const is not None
+
+
+def attr(node: Node, name: str, default: Any = None) -> Any:
+    """An attribute's Python value (bytes decoded to str), or `default` when absent."""
+    a = node.attributes.get(name)
+    if a is None or a.ref_attr_name:
+        return default
+    return a.value.decode() if isinstance(a.value, bytes) else a.value
+
+
+def producer(v: Value | None, op_type: str | None = None) -> Node | None:
+    """The node producing `v` (optionally only if it is an `op_type` of the default domain)."""
+    if v is None or v.producer is None:
+        return None
+    node = v.producer
+    if op_type is not None and (node.op_type != op_type or node.domain not in ("", "ai.onnx")):
+        return None
+    return node
+
+
+def is_output(v: Value) -> bool:
+    """Whether `v` is an output of the graph that defines it or of any body inside it."""
+    node = v.producer
+    if node is None or node.graph is None:
+        return False
+    return any(o is v for g in _graph_and_bodies(node.graph) for o in g.outputs)
+
+
+def only_reader(v: Value, node: Node) -> bool:
+    """`node` is the single reader of `v` and `v` is not a graph output: a rewrite may
+    consume `v`'s producer without anyone else noticing."""
+    return len(v.uses) == 1 and v.uses[0][0] is node and not is_output(v)
+
+
+def static_shape(v: Value | None) -> tuple[int, ...] | None:
+    """The value's shape when every dimension is a known integer."""
+    if v is None or v.shape is None or not all(isinstance(d, int) for d in v.shape):
+        return None
+    return tuple(v.shape)
+
+
+def _graph_and_bodies(graph: Graph):
+    yield graph
+    for node in graph.nodes:
+        for sub in node.subgraphs():
+            yield from _graph_and_bodies(sub)
