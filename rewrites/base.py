@@ -117,11 +117,15 @@ class Rewriter:
         return node
 
     def remove_node(self, node: Node) -> None:
-        graph = node.graph
-        graph.remove(node)
-        if any(True for _ in node.subgraphs()):
-            self._output_ids = None  # its bodies' outputs are no longer graph outputs
-        self._record("remove-node", node.name, node.op_type)
+        self.remove_nodes(node.graph, [node])
+
+    def remove_nodes(self, graph: Graph, nodes: list[Node]) -> None:
+        """Remove nodes of one graph at once, readers before the nodes they read."""
+        graph.remove_many(nodes)
+        for node in nodes:
+            if any(True for _ in node.subgraphs()):
+                self._output_ids = None  # its bodies' outputs are no longer graph outputs
+            self._record("remove-node", node.name, node.op_type)
 
     def set_input(self, node: Node, index: int, value: Value | None) -> None:
         old = node.inputs[index]
@@ -141,7 +145,7 @@ class Rewriter:
         target, detail = f"%{old.name}", f"by %{new.name}"
         for node, index in old.uses:
             node.set_input(index, new)
-        if id(old) in self._graph_outputs():
+        if id(old) in self.graph_output_ids():
             for graph in self.model.graphs():
                 for i, out in enumerate(graph.outputs):
                     if out is old:
@@ -149,7 +153,7 @@ class Rewriter:
             self._output_ids = None
         self._record("replace-uses", target, detail)
 
-    def _graph_outputs(self) -> set[int]:
+    def graph_output_ids(self) -> set[int]:
         """Ids of every graph output (subgraphs included), cached: graph outputs change only
         through `replace_uses`, which drops the cache."""
         if self._output_ids is None:
@@ -226,7 +230,7 @@ class Rewriter:
 
     def is_dead(self, node: Node) -> bool:
         """No output of the node is read by a node or is a graph output."""
-        outputs = self._graph_outputs()
+        outputs = self.graph_output_ids()
         return all(v is None or (not v.uses and id(v) not in outputs) for v in node.outputs)
 
 

@@ -19,7 +19,7 @@ from ir import Attr, Graph, Model, Node, Value
 from ir.tensors import dtype_name
 
 from .base import ChangeLog, Match, Pass, PassResult, Reject, RewriteRule, Rewriter, RulePass
-from .patterns import attr, const, is_output, producer
+from .patterns import attr, const, is_output, only_reader, producer
 
 INT64_MAX = int(np.iinfo(np.int64).max)
 INT64_MIN = int(np.iinfo(np.int64).min)
@@ -37,15 +37,29 @@ class DeadCodeElimination(Pass):
         rw = Rewriter(model, log, self.name)
         changed = False
         for graph in _innermost_first(model):
-            for node in reversed(list(graph.nodes)):
-                if rw.is_dead(node):
-                    rw.remove_node(node)
-                    changed = True
+            doomed = _dead_nodes(graph, rw.graph_output_ids())
+            if doomed:
+                rw.remove_nodes(graph, doomed)
+                changed = True
             for value in list(graph.initializers.values()):
-                if not value.uses and not value.is_graph_input and id(value) not in rw._graph_outputs():
+                if not value.uses and not value.is_graph_input and id(value) not in rw.graph_output_ids():
                     rw.remove_initializer(graph, value)
                     changed = True
         return PassResult(changed, log)
+
+
+def _dead_nodes(graph: Graph, outputs: set[int]) -> list[Node]:
+    """Nodes whose outputs are read only by dead nodes (bodies of dead nodes included) and
+    are no graph output, readers first: one backward sweep, then one batched removal."""
+    dead: set[int] = set()
+    doomed = []
+    for node in reversed(graph.nodes):
+        if all(v is None or (id(v) not in outputs and all(id(user) in dead for user, _ in v.uses))
+               for v in node.outputs):
+            doomed.append(node)
+            dead.add(id(node))
+            dead.update(id(inner) for sub in node.subgraphs() for inner in sub.walk())
+    return doomed
 
 
 def _innermost_first(model: Model) -> list[Graph]:
@@ -411,6 +425,47 @@ class ComposeTransposes(_Rule):
         rewriter.set_attribute(node, "perm", Attr(AttributeProto.INTS, match["perm"]))
 
 
+class ComposeSlices(_Rule):
+    """Slice(Slice(x)) over different axes -> one Slice over both (opset 10+, where the
+    operands are inputs); PyTorch exports a 2-D slice as two chained Slices."""
+
+    op_type = "Slice"
+
+    def check(self, node: Node) -> Match | Reject:
+        inner = producer(node.inputs[0], "Slice")
+        if inner is None:
+            return Reject("input is not produced by a Slice")
+        if self.opset < 10:
+            return Reject("Slice operands are attributes before opset 10")
+        if not only_reader(node.inputs[0], node):
+            return Reject("the inner Slice is read elsewhere too")
+        x = inner.inputs[0]
+        rank = len(x.shape) if x is not None and x.shape is not None else None
+        parts = []
+        for s in (inner, node):
+            starts, ends, axes, steps = (_ints(s, "", i) for i in range(1, 5))  # inputs only
+            for r in (starts, ends, axes, steps):
+                if isinstance(r, Reject):
+                    return r
+            axes = list(range(len(starts))) if axes is None else axes
+            if any(a < 0 for a in axes):
+                if rank is None:
+                    return Reject("negative axis and input rank unknown")
+                axes = [a % rank for a in axes]
+            parts.append((starts, ends, axes, steps or [1] * len(starts)))
+        if set(parts[0][2]) & set(parts[1][2]):
+            return Reject("both Slices cut the same axis")
+        merged = [a + b for a, b in zip(*parts)]
+        return Match([node, inner], {"x": x, "operands": merged})
+
+    def rewrite(self, match: Match, rewriter: Rewriter) -> None:
+        node = match.nodes[0]
+        operands = [rewriter.add_initializer(node.graph, f"{node.name}_{n}", np.array(v, np.int64))
+                    for n, v in zip(("starts", "ends", "axes", "steps"), match["operands"])]
+        fused = rewriter.add_node(node.graph, node, "Slice", [match["x"], *operands], name=node.name)
+        rewriter.replace_uses(node.outputs[0], fused.outputs[0])
+
+
 RESHAPES = ("Reshape", "Flatten", "Squeeze", "Unsqueeze")  # keep element count and order
 
 
@@ -498,7 +553,7 @@ def remove_noops() -> RulePass:
     return RulePass([
         RemoveIdentity(), RemoveDropout(), RemoveCast(), RemoveCastLike(),
         RemoveReshape(), ComposeReshapes(), RemoveTranspose(), ComposeTransposes(),
-        RemoveExpand(), RemoveSlice(), RemovePad(), RemoveConcat(),
+        RemoveExpand(), RemoveSlice(), ComposeSlices(), RemovePad(), RemoveConcat(),
         RemoveSqueeze(), SqueezeOfUnsqueeze(), RemoveUnsqueeze(), UnsqueezeOfSqueeze(),
         RemoveFlatten(),
     ], name="cleanup")

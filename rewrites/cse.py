@@ -56,7 +56,7 @@ def _merge_constants(graph: Graph, rw: Rewriter) -> bool:
         first = next((k for k in bucket if _same_data(k.const, tensor)), None)
         if first is None:
             bucket.append(value)
-        elif id(value) not in rw._graph_outputs():  # a graph output keeps its own value and name
+        elif id(value) not in rw.graph_output_ids():  # a graph output keeps its own value and name
             rw.replace_uses(value, first)
             if value.producer is None:
                 rw.remove_initializer(graph, value)
@@ -90,7 +90,7 @@ def _merge_nodes(graph: Graph, rw: Rewriter) -> bool:
         first = first_of.setdefault(key, node)
         if first is node:
             continue
-        outputs = rw._graph_outputs()
+        outputs = rw.graph_output_ids()
         if any(b is not None and id(b) in outputs and id(a) in outputs
                for a, b in zip(first.outputs, node.outputs)):
             continue  # both are graph outputs: merging would only trade the node for an Identity

@@ -10,9 +10,10 @@ from onnx import parser
 
 import ir
 from rewrites import cleanup as c
-from rewrites.base import RulePass
+from rewrites.base import Reject, RulePass
 from rewrites.cleanup import DeadCodeElimination, remove_identity, remove_noops
 from rewrites.cse import CommonSubexpressions
+from rewrites.patterns import const
 from tests.conformance import identical, run_ort
 
 
@@ -567,3 +568,41 @@ def test_cse_merges_a_long_chain_in_one_sweep():
     ir.verify(model)
     assert result.log.by_kind()["remove-node"] == n
     assert len(model.graph.nodes) == n + 1
+
+
+# -- ComposeSlices ---------------------------------------------------------------------------
+
+TWO_SLICES = """<ir_version: 10, opset_import: ["" : 21]>
+g (float[4, 6, 8] x) => (float[4, 3, 7] y) <int64[1] s1 = {0}, int64[1] e1 = {3}, int64[1] a1 = {1},
+  int64[1] s2 = {1}, int64[1] e2 = {9223372036854775807}, int64[1] a2 = {-1}> {
+  t = Slice(x, s1, e1, a1)
+  y = Slice(t, s2, e2, a2)
+}"""
+
+
+def test_compose_slices_on_different_axes():
+    from rewrites.cleanup import ComposeSlices
+
+    model = parse(TWO_SLICES)
+    original = ir.to_proto(model)
+    result = remove_noops().run(model)
+    DeadCodeElimination().run(model)
+    ir.verify(model)
+    assert result.log.by_rule() == {"ComposeSlices": 1}
+    assert [n.op_type for n in model.graph.nodes] == ["Slice"]
+    fused = model.graph.nodes[0]
+    assert [const(v).tolist() for v in fused.inputs[1:]] == [[0, 1], [3, 9223372036854775807], [1, 2], [1, 1]]
+    assert model.graph.outputs[0].name == "y"
+    x = np.random.default_rng(0).standard_normal((4, 6, 8)).astype(np.float32)
+    assert np.array_equal(run_ort(ir.to_proto(model), [x])[0], run_ort(original, [x])[0])
+    assert ComposeSlices().match(fused) == Reject("input is not produced by a Slice")
+
+
+def test_compose_slices_refuses_the_same_axis():
+    from rewrites.cleanup import ComposeSlices
+
+    model = parse(TWO_SLICES.replace("a2 = {-1}", "a2 = {1}").replace("float[4, 3, 7] y", "float[4, 2, 8] y"))
+    outer = model.graph.nodes[1]
+    rule = ComposeSlices()
+    rule.model = model
+    assert rule.match(outer) == Reject("both Slices cut the same axis")
