@@ -85,7 +85,7 @@ def compile(model, *, pipeline: str | Sequence[Pass] = "default", pipeline_optio
             feeds = load_feeds(Path(verify_data), ir_model)
         else:
             feeds = random_feeds(ir_model, shapes)
-        reference = run(_reference_source(source), feeds, "input model")
+        reference = run(_reference_source(source), feeds, "input model", error=CompileError)
 
     instruments = []
     if debug_dump is not None:  # first, so the pass that breaks the numbers is dumped too

@@ -133,9 +133,12 @@ def _byte_size(text: str) -> int:
     t = text.strip().upper().removesuffix("IB").removesuffix("B")
     number, unit = (t[:-1], t[-1]) if t and t[-1] in units else (t, "")
     try:
-        return int(float(number) * units[unit])
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a size (e.g. 1048576, 512K, 1M)") from None
+        size = int(float(number) * units[unit])
+    except (ValueError, OverflowError):
+        size = -1
+    if size < 0:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a size (e.g. 1048576, 512K, 1M)")
+    return size
 
 
 def _inspect(args) -> int:

@@ -89,19 +89,22 @@ def session(model: bytes | str | Path):
     return ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
 
 
-def run(model: bytes | str | Path, feeds: list[Feed], what: str) -> list[dict[str, np.ndarray]]:
-    """Outputs by name for each feed. onnxruntime failures become one-line CompileErrors."""
+def run(model: bytes | str | Path, feeds: list[Feed], what: str,
+        error: type[CompileError] = VerificationError) -> list[dict[str, np.ndarray]]:
+    """Outputs by name for each feed. onnxruntime failures become one-line errors of type
+    `error`: a CompileError (exit 2) when the user's own model or feeds do not run, a
+    VerificationError (exit 1) when a model we produced does not."""
     try:
         sess = session(model)
     except Exception as e:  # noqa: BLE001 - ORT raises its own exception types
-        raise VerificationError(f"onnxruntime cannot load the {what}: {_first(e)}") from None
+        raise error(f"onnxruntime cannot load the {what}: {_first(e)}") from None
     names = [o.name for o in sess.get_outputs()]
     results = []
     for i, feed in enumerate(feeds):
         try:
             results.append(dict(zip(names, sess.run(None, feed))))
         except Exception as e:  # noqa: BLE001
-            raise VerificationError(f"onnxruntime cannot run the {what} on feed {i} ({describe_feed(feed)}): "
+            raise error(f"onnxruntime cannot run the {what} on feed {i} ({describe_feed(feed)}): "
                                     f"{_first(e)}; bind symbolic dimensions with --input-shape "
                                     "or give data with --verify-data") from None
     return results
@@ -126,6 +129,11 @@ def _diff(name: str, ref, act, tol: Tolerance) -> OutputDiff:
         return OutputDiff(name, 0.0 if same else math.inf, 0.0, 1.0, math.inf, same,
                           "" if same else "sequence differs")
     ref, act = np.asarray(ref), np.asarray(act)
+    if ref.dtype != act.dtype:
+        return OutputDiff(name, math.inf, math.inf, 0.0, -math.inf, False,
+                          f"has type {act.dtype}, expected {ref.dtype}")
+    if ref.dtype.kind == "c":  # compare real and imaginary parts as pairs of floats
+        ref, act = _as_pairs(ref), _as_pairs(act)
     if ref.shape != act.shape:
         return OutputDiff(name, math.inf, math.inf, 0.0, -math.inf, False,
                           f"has shape {list(act.shape)}, expected {list(ref.shape)}")
@@ -147,6 +155,10 @@ def _diff(name: str, ref, act, tol: Tolerance) -> OutputDiff:
     ok = special_ok and within and cosine >= tol.min_cosine
     note = "" if special_ok else "NaN/Inf positions differ"
     return OutputDiff(name, max_abs, max_rel, cosine, sqnr, ok, note)
+
+
+def _as_pairs(x: np.ndarray) -> np.ndarray:
+    return np.stack([x.real, x.imag], axis=-1)
 
 
 def _cosine(r: np.ndarray, a: np.ndarray) -> float:

@@ -1,6 +1,6 @@
 """onnxcc's graph IR: values, nodes, graphs, lowering from and emission to ONNX."""
 
-from .emit import EXTERNAL_THRESHOLD, save, to_proto
+from .emit import EXTERNAL_THRESHOLD, save, skeleton_proto, to_proto
 from .errors import CompileError, ExternalDataError, InvariantError, MalformedModelError, ModelLoadError
 from .graph import Function, Graph, Model
 from .lower import load
@@ -14,5 +14,5 @@ __all__ = [
     "Attr", "ArrayTensor", "CompileError", "EXTERNAL_THRESHOLD", "ExternalDataError",
     "ExternalTensor", "Function", "Graph", "InvariantError", "MalformedModelError", "Model",
     "ModelLoadError", "Node", "ProtoTensor", "SparseTensor", "Tensor", "Value", "load",
-    "print_graph", "print_model", "save", "to_proto", "verify",
+    "print_graph", "print_model", "save", "skeleton_proto", "to_proto", "verify",
 ]

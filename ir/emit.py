@@ -29,31 +29,44 @@ def to_proto(model: Model) -> onnx.ModelProto:
     return _Emitter(None).model(model)
 
 
+def skeleton_proto(model: Model, threshold: int = EXTERNAL_THRESHOLD) -> onnx.ModelProto:
+    """The model's structure with every tensor of `threshold` bytes or more (in any graph,
+    Constant attributes included) replaced by an external reference to nothing: what shape
+    inference needs (dtypes and dims) without reading a single weight."""
+    return _Emitter(_Placeholders(threshold)).model(model)
+
+
 def save(model: Model, path: str | os.PathLike, *, external: bool | None = None,
          threshold: int = EXTERNAL_THRESHOLD) -> None:
     """Write the model to `path`. With `external` (default: when the model already has
-    external data or would not fit in one protobuf), tensors of `threshold` bytes or more go
-    to `<name>.data` beside it (not created when no tensor qualifies). Each file is written
-    to a temporary name, then renamed."""
+    external data or holds over 1 GiB of tensors, half of what one protobuf can carry),
+    tensors of `threshold` bytes or more go to `<name>.data` beside it (not created when no
+    tensor qualifies). Each file is written to a temporary name, then renamed."""
     path = Path(path)
+    if path.is_dir():
+        raise CompileError(f"cannot write '{path}': it is a folder")
     if external is None:
         external = has_external(model) or tensor_bytes(model) > PROTOBUF_LIMIT // 2
     if not external:
         _replace(path, _Emitter(None).model(model).SerializeToString())
         return
     data_path = path.with_name(path.name + ".data")
-    tmp = data_path.with_name(f".{data_path.name}.{os.getpid()}.tmp")
+    tmp_data = data_path.with_name(f".{data_path.name}.{os.getpid()}.tmp")
+    tmp_model = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        with open(tmp, "wb") as f:
+        with open(tmp_data, "wb") as f:
             writer = _DataWriter(f, data_path, threshold)
             blob = writer.check(_Emitter(writer).model(model).SerializeToString())
+        tmp_model.write_bytes(blob)
+        # Both files are complete before either is renamed: a failure leaves the old pair.
         if writer.offset:
-            os.replace(tmp, data_path)
+            os.replace(tmp_data, data_path)
+        os.replace(tmp_model, path)
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        for tmp in (tmp_data, tmp_model):
+            if tmp.exists():
+                tmp.unlink()
     writer.repoint()
-    _replace(path, blob)
 
 
 def _replace(path: Path, blob: bytes) -> None:
@@ -64,6 +77,31 @@ def _replace(path: Path, blob: bytes) -> None:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+class _Placeholders:
+    """Stands in for the data writer in `skeleton_proto`: large tensors become references
+    to a file that does not exist; nothing is read or written."""
+
+    LOCATION = "onnxcc-skeleton-placeholder"
+
+    def __init__(self, threshold: int):
+        self.threshold = threshold
+
+    def wants(self, tensor: Tensor, *, attribute: bool = False) -> bool:
+        return tensor.dtype != TensorProto.STRING and not isinstance(tensor, SparseTensor) \
+            and tensor.nbytes >= max(self.threshold, 1)
+
+    def inline(self, tensor: Tensor, proto: TensorProto) -> None:
+        pass
+
+    def write(self, tensor: Tensor, name: str) -> TensorProto:
+        proto = TensorProto(name=name, data_type=tensor.dtype, dims=tensor.shape,
+                            data_location=TensorProto.EXTERNAL)
+        for key, value in (("location", self.LOCATION), ("offset", "0"), ("length", str(tensor.nbytes))):
+            entry = proto.external_data.add()
+            entry.key, entry.value = key, value
+        return proto
 
 
 class _DataWriter:
@@ -99,11 +137,14 @@ class _DataWriter:
         start = self.offset
         tensor.copy_into(self.file)
         self.offset = start + tensor.nbytes
+        if self.file.tell() != self.offset:  # the offsets of every later tensor depend on it
+            raise AssertionError(f"tensor '{name}': wrote {self.file.tell() - start} bytes, "
+                                 f"expected {tensor.nbytes}")
         if isinstance(tensor, ExternalTensor):
             self.written.append((tensor, start))
         proto = TensorProto(name=name, data_type=tensor.dtype, dims=tensor.shape,
                             data_location=TensorProto.EXTERNAL)
-        template = getattr(tensor, "proto", None) or getattr(tensor, "_template", None)
+        template = tensor.source_proto
         if template is not None:
             proto.doc_string = template.doc_string
         for key, value in (("location", self.location), ("offset", str(start)),
@@ -234,7 +275,7 @@ class _Emitter:
 
 def v_name(t: Tensor) -> str:
     """Attribute tensors keep the name they came with (it is part of the proto)."""
-    proto = getattr(t, "proto", None) or getattr(t, "_template", None)
+    proto = t.source_proto
     return proto.name if proto is not None else ""
 
 

@@ -100,6 +100,7 @@ class _Lowerer:
         self.value_names: set[str] = set()
         self.node_names: set[str] = set()
         self.given_names: set[str] = set()  # names in the file: generated ones avoid them
+        self._next_suffix: dict[str, int] = {}
 
     # -- model --------------------------------------------------------------------------
     def model(self, proto: onnx.ModelProto) -> Model:
@@ -288,11 +289,13 @@ class _Lowerer:
                 f"do not describe a sparse tensor of shape {list(sp.dims)}")
         return SparseTensor(sp, values, indices)
 
-    @staticmethod
-    def _fresh(base: str, *taken: set[str]) -> str:
-        k = 1
+    def _fresh(self, base: str, *taken: set[str]) -> str:
+        """`base__k` for the smallest k not taken, counting on from the last k handed out
+        for this base (so thousands of unnamed Relu nodes cost linear time)."""
+        k = self._next_suffix.get(base, 1)
         while any(f"{base}__{k}" in t for t in taken):
             k += 1
+        self._next_suffix[base] = k + 1
         return f"{base}__{k}"
 
 

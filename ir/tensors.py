@@ -90,6 +90,12 @@ class Tensor:
     def is_external(self) -> bool:
         return False
 
+    @property
+    def source_proto(self) -> TensorProto | None:
+        """The TensorProto this tensor was read from (its name and doc string are kept on
+        emission), or None for tensors made in memory."""
+        return getattr(self, "proto", None)
+
     def numpy(self) -> np.ndarray:
         raise NotImplementedError
 
@@ -98,9 +104,13 @@ class Tensor:
         raise NotImplementedError
 
     def iter_bytes(self) -> Iterator[bytes]:
-        """The raw little-endian bytes, in chunks (used to write external data)."""
+        """The raw little-endian bytes, in chunks (used to write external data). Typed
+        fields are re-encoded through from_array, which packs 4- and 2-bit types as
+        raw_data requires (to_array unpacks them to a byte each)."""
         proto = self.to_proto("")
-        yield proto.raw_data if proto.HasField("raw_data") else numpy_helper.to_array(proto).tobytes()
+        if not proto.HasField("raw_data"):
+            proto = numpy_helper.from_array(numpy_helper.to_array(proto))
+        yield proto.raw_data
 
     def copy_into(self, out: BinaryIO) -> None:
         """Append the raw bytes to a file opened for writing."""
@@ -155,10 +165,6 @@ class ProtoTensor(Tensor):
         else:
             yield from super().iter_bytes()
 
-    def _sample_windows(self) -> bytes:
-        data = self.proto.raw_data
-        step = len(data) // 64
-        return b"".join(data[i * step: i * step + (64 << 10)] for i in range(64))
 
 
 class ExternalTensor(Tensor):
@@ -175,6 +181,10 @@ class ExternalTensor(Tensor):
     @property
     def is_external(self) -> bool:
         return self._held is None
+
+    @property
+    def source_proto(self) -> TensorProto:
+        return self._template
 
     def hold(self, data: bytes) -> None:
         """Keep the (small) data in memory: its file is being replaced by one without it."""
@@ -269,11 +279,15 @@ class SparseTensor(Tensor):
     `numpy()` gives the dense array."""
 
     def __init__(self, proto, values: Tensor, indices: Tensor):
-        self.proto = proto
+        self.proto = proto  # a SparseTensorProto, emitted as it came
         self.dtype = values.dtype
         self.shape = tuple(proto.dims)
         self._values = values
         self._indices = indices
+
+    @property
+    def source_proto(self) -> None:
+        return None  # no dense TensorProto: the sparse one is emitted as a sparse initializer
 
     def numpy(self) -> np.ndarray:
         dense = np.zeros(self.numel, dtype=np_dtype(self.dtype))

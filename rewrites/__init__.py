@@ -1,1 +1,1 @@
-"""onnxcc rewrites (arrives with its issue)."""
+"""Graph rewrites: the rule framework, shape inference, constant folding, cleanup and fusions."""

@@ -14,8 +14,11 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Iterable, Iterator
 
 import numpy as np
+from onnx import AttributeProto
 
 from ir import ArrayTensor, Attr, Graph, Model, Node, Value
+
+from .patterns import default_opset
 
 # -- match results ---------------------------------------------------------------------
 
@@ -92,6 +95,7 @@ class Rewriter:
         self._names = {v.name for g in model.graphs() for v in _values(g)}
         self._node_names = {n.name for g in model.graphs() for n in g.nodes}
         self._output_ids: set[int] | None = None
+        self._function_bodies = {id(f.graph) for f in model.functions}
 
     def _record(self, kind: str, target: str, detail: str = "") -> None:
         self.log.record(Change(self.rule, kind, target, detail))
@@ -155,7 +159,7 @@ class Rewriter:
 
     def graph_output_ids(self) -> set[int]:
         """Ids of every graph output (subgraphs included), cached: graph outputs change only
-        through `replace_uses`, which drops the cache."""
+        through `replace_uses` or by removing a node with bodies, which drop the cache."""
         if self._output_ids is None:
             self._output_ids = {id(o) for g in self.model.graphs() for o in g.outputs}
         return self._output_ids
@@ -216,7 +220,14 @@ class Rewriter:
         self._record("set-type", f"%{value.name}")
 
     def add_initializer(self, graph: Graph, base_name: str, array: np.ndarray) -> Value:
+        """A new constant in `graph`: an initializer, or in a function body (a FunctionProto
+        holds no initializers) a Constant node at the start of the body."""
         tensor = ArrayTensor(array)
+        if id(graph) in self._function_bodies:
+            first = graph.nodes[0] if graph.nodes else None
+            node = self.add_node(graph, first, "Constant", [], name=base_name,
+                                 attributes={"value": Attr(AttributeProto.TENSOR, tensor)})
+            return node.outputs[0]
         value = Value(self.fresh_name(base_name), tensor.dtype, tensor.shape, tensor=tensor)
         graph.add_initializer(value)
         self._record("add-initializer", f"%{value.name}", f"{array.dtype}{list(array.shape)}")
@@ -271,8 +282,7 @@ class RewriteRule:
     @property
     def opset(self) -> int:
         """The model's default-domain (ai.onnx) opset version."""
-        imports = self.model.opset_imports if self.model is not None else {}
-        return imports.get("", imports.get("ai.onnx", 1))
+        return default_opset(self.model.opset_imports if self.model is not None else {})
 
     def match(self, node: Node) -> Match | Reject:
         raise NotImplementedError

@@ -19,6 +19,8 @@ class LiftConstant(RewriteRule):
             return Reject("Constant without an output")
         if out.const is None:
             return Reject("sparse or attribute-referencing Constant has no dense value")
+        if self.model is not None and any(f.graph is node.graph for f in self.model.functions):
+            return Reject("function bodies cannot hold initializers")
         if out.name in node.graph.initializers:
             return Reject("an initializer of the same name exists")
         return Match([], {"node": node})

@@ -14,10 +14,8 @@ from onnx import TensorProto
 from ir import Graph, Model, Node, Tensor, Value
 
 from .base import ChangeLog, Pass, PassResult, Rewriter
+from .patterns import NONDETERMINISTIC
 
-# Two calls of these give different results: never merged.
-NONDETERMINISTIC = {"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike",
-                    "Multinomial", "Bernoulli", "Dropout"}
 # Ops of other domains (custom ops, model-local functions) may have effects we cannot see.
 STANDARD_DOMAINS = {"", "ai.onnx", "ai.onnx.ml"}
 

@@ -25,17 +25,17 @@ from onnx import TensorProto, helper
 
 import ir
 from ir import ArrayTensor, Graph, Model, Node, Value
+from ir.printer import format_bytes
 from ir.tensors import Tensor, storage_bytes
 
 from .base import Change, ChangeLog, Match, Pass, PassResult, Reject, Rewriter
-from .patterns import attr, const, producer, static_shape
+from .patterns import (NONDETERMINISTIC, attr, const, default_opset, output_ids, producer,
+                       static_shape)
 from .shapes import broadcast, shape_dims
 
 GROWTH_SLACK = 1024  # bytes a fold may add, so shape arithmetic on tiny tensors folds
 INFERENCE_DATA_LIMIT = 4096  # constant inputs up to this size are visible to shape inference
 
-NONDETERMINISTIC = frozenset("RandomNormal RandomUniform RandomNormalLike RandomUniformLike "
-                             "Multinomial Bernoulli".split())
 QUANTIZATION = frozenset("QuantizeLinear DequantizeLinear DynamicQuantizeLinear".split())
 NON_TENSOR = frozenset("""SequenceConstruct SequenceEmpty SequenceInsert SequenceErase SequenceAt
     SequenceLength SequenceMap SplitToSequence ConcatFromSequence Optional OptionalGetElement
@@ -68,26 +68,27 @@ class FoldConstants(Pass):
         log = ChangeLog()
         rw = Rewriter(model, log, "FoldConstants")
         # Function bodies are not folded: a FunctionProto has no initializers to fold into.
-        return PassResult(self._graph(model.graph, rw, model.opset_imports, _Outputs(model)), log)
+        return PassResult(self._graph(model.graph, rw, model.opset_imports), log)
 
-    def _graph(self, graph: Graph, rw: Rewriter, opsets: dict[str, int], outs: _Outputs) -> bool:
+    def _graph(self, graph: Graph, rw: Rewriter, opsets: dict[str, int]) -> bool:
         """Sweep until nothing changes: a sweep's folds can make new regions (a Reshape whose
         size was unknown until its shape input folded). Every change removes a node."""
         changed = False
-        while self._sweep(graph, rw, opsets, outs):
+        while self._sweep(graph, rw, opsets):
             changed = True
         return changed
 
-    def _sweep(self, graph: Graph, rw: Rewriter, opsets: dict[str, int], outs: _Outputs) -> bool:
+    def _sweep(self, graph: Graph, rw: Rewriter, opsets: dict[str, int]) -> bool:
         """One sweep in topological order: a region that may fold is evaluated and committed
         at its first node; folded results feed the next node, so chains fold in one run. An
         inlined branch lands where the If was, and is swept next."""
-        plan = {id(n): r for r in self.regions(graph, opsets, outs.ids()) if r.verdict for n in r.nodes}
+        regions = self.regions(graph, opsets, rw.graph_output_ids())
+        plan = {id(n): r for r in regions if r.verdict for n in r.nodes}
         changed, done, i = False, set(), 0
         while i < len(graph.nodes):
             node = graph.nodes[i]
             done.add(node)
-            if self._node(node, rw, opsets, outs, plan):
+            if self._node(node, rw, opsets, plan):
                 changed = True
                 # The node is gone, and maybe constants before it: resume at the first node
                 # not yet seen (an inlined branch's first node, or the successor).
@@ -97,34 +98,33 @@ class FoldConstants(Pass):
                 continue
             bodies = list(node.subgraphs())
             for sub in bodies:
-                changed |= self._graph(sub, rw, opsets, outs)
+                changed |= self._graph(sub, rw, opsets)
             # Folding in a body may drop a constant of this graph that only it read.
             i = graph.nodes.index(node) + 1 if bodies else i + 1
         return changed
 
-    def _node(self, node: Node, rw: Rewriter, opsets: dict[str, int], outs: _Outputs,
-              plan: dict[int, Region]) -> bool:
+    def _node(self, node: Node, rw: Rewriter, opsets: dict[str, int], plan: dict[int, Region]) -> bool:
         if (m := constant_if(node)):
             _record(rw, "InlineConstantIf", node)
-            _inline_branch(m, rw, outs)
+            _inline_branch(m, rw)
             return True
         if (m := self.match_shape(node)):
             _record(rw, "FoldShape", node)
-            _replace(node, [m["value"]], rw, outs)
+            _replace(node, [m["value"]], rw)
             return True
         if (region := plan.get(id(node))) is not None:
             for n in region.nodes:  # tried once; if it fails its nodes fold one by one below
                 del plan[id(n)]
             if (arrays := self._evaluate_region(region, opsets)) is not None:
-                _commit(region, arrays, rw, outs)
+                _commit(region, arrays, rw)
                 return True
-        if not (m := self.match(node, opsets, outs.ids())):
+        if not (m := self.match(node, opsets, rw.graph_output_ids())):
             return False
         arrays = evaluate(node, opsets)
         if arrays is None or not _plausible(node, arrays, self.size_limit):
             return False
         _record(rw, "FoldConstants", node)
-        _replace(node, arrays, rw, outs)
+        _replace(node, arrays, rw)
         return True
 
     # -- what may fold (pure) ---------------------------------------------------------------
@@ -132,9 +132,10 @@ class FoldConstants(Pass):
     def match(self, node: Node, opsets: dict[str, int] | None = None,
               outputs: set[int] | None = None) -> Match | Reject:
         """Whether `node` alone may be evaluated now; the Match holds its output sizes in
-        bytes. `outputs`: ids of every graph output of the model (computed when not given)."""
-        outputs = _all_outputs(node.graph) if outputs is None else outputs
-        types = self._admit(node, opsets or {"": 21}, outputs, {})
+        bytes. `outputs`: ids of every graph output of the model (the Rewriter's cached set
+        when run; without one, those of the graphs `node` can see)."""
+        outputs = output_ids(node.graph) if outputs is None else outputs
+        types = self._admit(node, opsets or {}, outputs, {})
         if isinstance(types, Reject):
             return types
         sizes = [_nbytes(*t) for t in types]
@@ -149,8 +150,8 @@ class FoldConstants(Pass):
         compute and by weights they share that would be freed; constants within the growth
         slack link nothing (freeing them cannot pay for anything), so unrelated folds that
         read the same axes constant do not depend on each other."""
-        opsets = opsets or {"": 21}
-        outputs = _all_outputs(graph) if outputs is None else outputs
+        opsets = opsets or {}
+        outputs = output_ids(graph) if outputs is None else outputs
         types: dict[int, tuple] = {}  # id -> (dtype, shape) of the values the region computes
         members: list[Node] = []
         for node in graph.nodes:
@@ -198,8 +199,8 @@ class FoldConstants(Pass):
     def _growth(self, made: int, freed: int) -> Reject | None:
         if self.allow_growth or made <= freed + GROWTH_SLACK:
             return None
-        return Reject(f"would grow the model: {_fmt(made)} of outputs for {_fmt(freed)} of "
-                      f"constants freed")
+        return Reject(f"would grow the model: {format_bytes(made)} of outputs for "
+                      f"{format_bytes(freed)} of constants freed")
 
     def _admit(self, node: Node, opsets: dict[str, int], outputs: set[int],
                pending: dict[int, tuple]) -> list[tuple] | Reject:
@@ -218,14 +219,15 @@ class FoldConstants(Pass):
             return Reject("already a constant carried to a graph output")
         for v in present:
             if v.const is not None and v.const.nbytes > self.size_limit:
-                return Reject(f"input %{v.name} is {_fmt(v.const.nbytes)}, over the size limit")
+                return Reject(f"input %{v.name} is {format_bytes(v.const.nbytes)}, over the size "
+                              f"limit")
         types = output_types(node, opsets, pending)
         if types is None:
             return Reject("output size unknown before evaluation")
         for out, t in zip(node.outputs, types):
             if out is not None and _nbytes(*t) > self.size_limit:
-                return Reject(f"output %{out.name} would be {_fmt(_nbytes(*t))}, over the size "
-                              f"limit of {_fmt(self.size_limit)}")
+                return Reject(f"output %{out.name} would be {format_bytes(_nbytes(*t))}, over the "
+                              f"size limit of {format_bytes(self.size_limit)}")
         return types
 
     def _evaluate_region(self, region: Region, opsets: dict[str, int]) -> dict[int, np.ndarray] | None:
@@ -320,18 +322,6 @@ def _dying_inputs(node: Node, outputs: set[int]) -> list[Value]:
     return out
 
 
-def _all_outputs(graph: Graph) -> set[int]:
-    """Ids of the outputs of every graph in the tree `graph` belongs to (a body may return
-    an outer value)."""
-    while graph.owner is not None and graph.owner.graph is not None:
-        graph = graph.owner.graph
-    ids = {id(o) for o in graph.outputs}
-    for node in graph.walk():
-        for sub in node.subgraphs():
-            ids.update(id(o) for o in sub.outputs)
-    return ids
-
-
 # -- output sizes before evaluation ----------------------------------------------------------
 
 
@@ -377,12 +367,6 @@ def output_types(node: Node, opsets: dict[str, int],
     return types
 
 
-def output_sizes(node: Node, opsets: dict[str, int]) -> list[int] | None:
-    """Bytes of each output (0 for omitted ones), known before evaluation, or None."""
-    types = output_types(node, opsets)
-    return None if types is None else [_nbytes(*t) for t in types]
-
-
 def _nbytes(dtype: int | None, shape: tuple) -> int:
     if dtype is None:  # an omitted output
         return 0
@@ -419,8 +403,11 @@ def evaluate(node: Node, opsets: dict[str, int],
     """The node's outputs (None for omitted outputs) on its constant inputs, or on `inputs`
     (a tensor per input) when given, computed by onnxruntime, else by onnx's reference
     evaluator; None if neither can."""
-    proto = _one_node(node, opsets, [None if v is None else v.const for v in node.inputs]
-                      if inputs is None else inputs)
+    try:
+        proto = _one_node(node, opsets, [None if v is None else v.const for v in node.inputs]
+                          if inputs is None else inputs)
+    except Exception:  # noqa: BLE001 - e.g. an opset newer than the installed onnx: no fold
+        return None
     for run in (_run_ort, _run_reference):
         try:
             results = list(run(proto))
@@ -494,7 +481,7 @@ def _one_node(node: Node, opsets: dict[str, int], given: list) -> onnx.ModelProt
     g.append(Node(node.op_type, inputs, outputs, domain=node.domain, name=node.name,
                   attributes=node.attributes))
     g.outputs = [o for o in outputs if o is not None]
-    opset = opsets.get("", opsets.get("ai.onnx", 21))
+    opset = default_opset(opsets)
     ir_version = max(10, helper.find_min_ir_version_for([helper.make_opsetid("", opset)]))
     proto = ir.to_proto(Model(g, ir_version, {"": opset}))
     for value in g.initializers.values():
@@ -507,59 +494,38 @@ def _one_node(node: Node, opsets: dict[str, int], given: list) -> onnx.ModelProt
 # -- rewriting ----------------------------------------------------------------------------------
 
 
-class _Outputs:
-    """Ids of every graph output of the model, recomputed after a change that moves them
-    (an output replaced, a branch inlined)."""
-
-    def __init__(self, model: Model):
-        self.model = model
-        self._ids: set[int] | None = None
-
-    def ids(self) -> set[int]:
-        if self._ids is None:
-            self._ids = {id(o) for g in self.model.graphs() for o in g.outputs}
-        return self._ids
-
-    def moved(self) -> None:
-        self._ids = None
-
-
-def _replace(node: Node, arrays: list, rw: Rewriter, outs: _Outputs) -> None:
+def _replace(node: Node, arrays: list, rw: Rewriter) -> None:
     """Outputs become initializers of the node's graph; the node and the constants only it
     read go away."""
     graph = node.graph
     for out, array in zip(node.outputs, arrays):
         if out is not None and array is not None:
-            if id(out) in outs.ids():
-                outs.moved()
             rw.replace_uses(out, rw.add_initializer(graph, out.name, np.asarray(array)))
     inputs = list({id(v): v for v in node.inputs if v is not None}.values())
     rw.remove_node(node)
     for v in inputs:
-        _drop_if_dead(v, graph, rw, outs)
+        _drop_if_dead(v, graph, rw)
 
 
-def _commit(region: Region, arrays: dict[int, np.ndarray], rw: Rewriter, outs: _Outputs) -> None:
+def _commit(region: Region, arrays: dict[int, np.ndarray], rw: Rewriter) -> None:
     """The frontier values become initializers; the region's nodes and the constants only
     it read go away."""
     graph = region.nodes[0].graph
     for node in region.nodes:
         _record(rw, "FoldConstants", node)
     for out in region.frontier:
-        if id(out) in outs.ids():
-            outs.moved()
         rw.replace_uses(out, rw.add_initializer(graph, out.name, np.asarray(arrays[id(out)])))
     inputs = {id(v): v for n in region.nodes for v in n.inputs if v is not None}
     for node in reversed(region.nodes):  # readers first: a removed node's outputs are unread
         rw.remove_node(node)
     for v in inputs.values():
         if v.producer is None or v.producer.graph is not None:  # not one of the removed nodes'
-            _drop_if_dead(v, graph, rw, outs)
+            _drop_if_dead(v, graph, rw)
 
 
-def _drop_if_dead(v: Value, graph: Graph, rw: Rewriter, outs: _Outputs) -> None:
+def _drop_if_dead(v: Value, graph: Graph, rw: Rewriter) -> None:
     """Remove a constant (initializer or Constant node) or a Shape node nobody reads anymore."""
-    if v.uses or id(v) in outs.ids():
+    if v.uses or id(v) in rw.graph_output_ids():
         return
     node = v.producer
     if node is not None:
@@ -595,7 +561,7 @@ def constant_if(node: Node) -> Match | Reject:
     return Match([node], {"branch": branch})
 
 
-def _inline_branch(match: Match, rw: Rewriter, outs: _Outputs) -> None:
+def _inline_branch(match: Match, rw: Rewriter) -> None:
     """The branch's nodes and initializers move into the If's graph, before the If; its
     outputs replace the If's."""
     node, branch = match.nodes[0], match["branch"]
@@ -608,17 +574,8 @@ def _inline_branch(match: Match, rw: Rewriter, outs: _Outputs) -> None:
         if out is not None:
             rw.replace_uses(out, new)
     cond = node.inputs[0]
-    rw.remove_node(node)
-    outs.moved()  # the branch's outputs are plain values now
-    _drop_if_dead(cond, graph, rw, outs)
+    rw.remove_node(node)  # its branches' outputs are plain values now: the Rewriter knows
+    _drop_if_dead(cond, graph, rw)
 
 
-def _fmt(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
-
-
-__all__ = ["FoldConstants", "Region", "constant_if", "evaluate", "output_sizes", "output_types"]
+__all__ = ["FoldConstants", "Region", "constant_if", "evaluate", "output_types"]

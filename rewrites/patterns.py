@@ -8,6 +8,19 @@ import numpy as np
 
 from ir import Graph, Node, Value
 
+# Two runs of these may give different results: never folded, never merged. Dropout is
+# random in training mode (a true `training_mode` input, or is_test=0 before opset 7);
+# in inference mode it is an Identity, which the RemoveDropout rule takes out.
+NONDETERMINISTIC = frozenset("""RandomNormal RandomNormalLike RandomUniform RandomUniformLike
+    Multinomial Bernoulli Dropout""".split())
+
+
+def default_opset(opset_imports: dict[str, int]) -> int:
+    """The default-domain (ai.onnx) opset version. A model that imports none is not valid
+    ONNX, but onnxruntime runs it at its newest opset: assume a recent one (21), not opset 1,
+    whose ops mean other things (folding would compute other numbers than the model's)."""
+    return opset_imports.get("", opset_imports.get("ai.onnx", 21))
+
 
 def const(v: Value | None) -> np.ndarray | None:
     """The value's constant data as an array, or None (not constant, or omitted)."""
@@ -45,6 +58,14 @@ def is_output(v: Value) -> bool:
     if node is None or node.graph is None:
         return False
     return any(o is v for g in _graph_and_bodies(node.graph) for o in g.outputs)
+
+
+def output_ids(graph: Graph) -> set[int]:
+    """Ids of the outputs of every graph in the tree `graph` belongs to (a body may return an
+    outer value). `Rewriter.graph_output_ids` is the same for a whole model, cached."""
+    while graph.owner is not None and graph.owner.graph is not None:
+        graph = graph.owner.graph
+    return {id(o) for g in _graph_and_bodies(graph) for o in g.outputs}
 
 
 def only_reader(v: Value, node: Node) -> bool:

@@ -1,10 +1,11 @@
 """Shape inference: learn the dtype and shape of every value we can.
 
-onnx's own inference runs first, on a light copy of the model (big initializers become typed
-inputs, so a model of many GB costs only its structure); what it leaves unknown is filled by
-a few local rules (elementwise, Cast, broadcasting, Shape/Size, and If/Loop/Scan outputs from
-their bodies' outputs). Types only ever gain information:
-unknown < symbolic < fixed, so running the pass twice changes nothing the second time.
+onnx's own inference runs first, on a light copy of the model (`ir.skeleton_proto`: every big
+tensor, in any graph or Constant, is dtype and dims only, so a model of many GB costs only its
+structure); what it leaves unknown is filled by a few local rules (elementwise, Cast,
+broadcasting, Shape/Size, and If/Loop/Scan outputs from their bodies' outputs). Types only
+ever gain information: unknown < symbolic < fixed, so running the pass twice changes nothing
+the second time.
 """
 
 from __future__ import annotations
@@ -19,10 +20,11 @@ import ir
 from ir import Graph, Model, Node, Value
 
 from .base import ChangeLog, Pass, PassResult, Rewriter
-from .patterns import attr
+from .patterns import attr, default_opset
 
-# Initializers above this many bytes go to the skeleton as typed inputs, without data.
-SKELETON_DATA_LIMIT = 1024
+# Tensors of this many bytes or more reach onnx's inference as dtype and dims only (small
+# ones stay, so data propagation can read shape arithmetic).
+SKELETON_THRESHOLD = 1024
 
 # Output 0 has the dtype and shape of input 0.
 SAME_AS_INPUT = frozenset("""
@@ -59,7 +61,7 @@ class InferShapes(Pass):
             if t is not None:
                 changed |= _refine(rw, value, *t, keep_symbols=id(value) in signature)
         rw.rule = "local-inference"
-        opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 1))
+        opset = default_opset(model.opset_imports)
         for node in _bodies_first(model.graph):
             for value, t in zip(node.outputs, _local_types(node, opset)):
                 if value is not None and t is not None:
@@ -73,27 +75,14 @@ class InferShapes(Pass):
 def onnx_types(model: Model) -> dict[str, tuple[int | None, tuple | None]]:
     """Name -> (dtype, shape) of every tensor value onnx's inference typed; {} if it raised."""
     try:
-        proto = onnx.shape_inference.infer_shapes(skeleton(model), check_type=False,
-                                                  strict_mode=False, data_prop=True)
+        light = ir.skeleton_proto(model, threshold=SKELETON_THRESHOLD)
+        proto = onnx.shape_inference.infer_shapes(light, check_type=False, strict_mode=False,
+                                                  data_prop=True)
     except Exception:  # noqa: BLE001 - inference is a help, never a reason to fail
         return {}
     found: dict[str, tuple] = {}
     _collect(proto.graph, found)
     return found
-
-
-def skeleton(model: Model) -> onnx.ModelProto:
-    """The model as a proto without its big tensors: main-graph initializers over 1 KiB
-    become typed graph inputs, so inference knows their type but no data is copied. Small
-    constants stay, so data propagation can read shape arithmetic. The IR is not touched."""
-    g = model.graph
-    big = {name for name, v in g.initializers.items() if v.tensor.nbytes > SKELETON_DATA_LIMIT}
-    light = Graph(g.name)
-    light.inputs = list(g.inputs) + [g.initializers[n] for n in big if not g.initializers[n].is_graph_input]
-    light.initializers = {n: v for n, v in g.initializers.items() if n not in big}
-    light.nodes = g.nodes
-    light.outputs = g.outputs
-    return ir.to_proto(dataclasses.replace(model, graph=light))
 
 
 def _collect(gp: onnx.GraphProto, found: dict) -> None:

@@ -311,10 +311,12 @@ def test_unrunnable_model_compiles_without_verification():
     assert result.report.verification is None
 
 
-def test_unrunnable_model_fails_verification_saying_ort_cannot_load_it():
+def test_unrunnable_input_is_bad_input_saying_ort_cannot_load_it():
     proto = onnx.parser.parse_model(UNRUNNABLE_TEXT)
-    with pytest.raises(VerificationError) as info:
+    with pytest.raises(compiler.CompileError) as info:
         compiler.compile(proto)
+    assert not isinstance(info.value, VerificationError)  # the user's model, not our output
+    assert info.value.exit_code == 2
     message = str(info.value)
     assert message.startswith("onnxruntime cannot load the input model: ")
     assert "Frobnicate" in message

@@ -143,7 +143,6 @@ def test_wrong_type_given_to_load(source, type_name):
 
 # -- truncated and corrupt files --------------------------------------------------------------
 
-@pytest.mark.skipif(not REAL_MODEL.exists(), reason="onnx's backend test data is not installed")
 def test_real_model_cut_in_half(tmp_path):
     data = REAL_MODEL.read_bytes()
     ir.verify(ir.load(data))  # whole, it loads
@@ -152,7 +151,6 @@ def test_real_model_cut_in_half(tmp_path):
     refused(path, ir.ModelLoadError, f"{path}: not a valid ONNX model (truncated, or not protobuf)")
 
 
-@pytest.mark.skipif(not REAL_MODEL.exists(), reason="onnx's backend test data is not installed")
 @pytest.mark.parametrize("fraction", [0.001, 0.01, 0.1, 0.25, 0.75, 0.9, 0.99, 0.9999])
 def test_real_model_cut_elsewhere(fraction):
     data = REAL_MODEL.read_bytes()
@@ -160,7 +158,6 @@ def test_real_model_cut_elsewhere(fraction):
     refused(data[:cut], ir.ModelLoadError, "model bytes: not a valid ONNX model (truncated, or not protobuf)")
 
 
-@pytest.mark.skipif(not REAL_MODEL.exists(), reason="onnx's backend test data is not installed")
 def test_real_model_missing_its_last_byte():
     data = REAL_MODEL.read_bytes()
     refused(data[:-1], ir.ModelLoadError, "model bytes: not a valid ONNX model (truncated, or not protobuf)")

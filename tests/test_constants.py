@@ -66,3 +66,48 @@ g (float[3] x) => (float[3] y) { k = Constant <value_ints = [1, 2, 3]> ()
     node.attributes = {"sparse_value": node.attributes.pop("value_ints")}
     verdict = LiftConstant().match(node)
     assert not verdict and verdict.reason == "sparse or attribute-referencing Constant has no dense value"
+
+
+FUNCTION_MODEL = """<ir_version: 10, opset_import: ["" : 21, "local" : 1]>
+g (float[1,2,4,6] x) => (float[1,2,2,3] y) { y = local.F(x) }
+<domain: "local", opset_import: ["" : 21]>
+F (x) => (y) {
+  w = Constant <value = float[2,1,1,1] {2.0, -1.0}> ()
+  c = Conv <group = 2> (x, w)
+  s = Constant <value = float[1,2,1,1] {0.5, 3.0}> ()
+  m = Mul(c, s)
+  st = Constant <value = int64[1] {1}> ()
+  en = Constant <value = int64[1] {3}> ()
+  ax2 = Constant <value = int64[1] {2}> ()
+  ax3 = Constant <value = int64[1] {3}> ()
+  en3 = Constant <value = int64[1] {4}> ()
+  a = Slice(m, st, en, ax2)
+  y = Slice(a, st, en3, ax3)
+}"""
+
+
+def test_lift_constant_rejects_function_bodies():
+    model = parse(FUNCTION_MODEL)
+    rule = LiftConstant()
+    rule.model = model
+    verdict = rule.match(model.functions[0].graph.nodes[0])
+    assert not verdict and verdict.reason == "function bodies cannot hold initializers"
+    assert not lift_constants().run(model).changed
+
+
+def test_function_body_constants_survive_compile():
+    """Fusions (Conv + Mul) and ComposeSlices make new constants inside the body: they become
+    Constant nodes there, so the compiled model still loads and computes the same."""
+    import compiler
+
+    proto = parser.parse_model(FUNCTION_MODEL)
+    proto.ir_version = 10
+    result = compiler.compile(proto)
+    body = result.ir_model.functions[0].graph
+    assert not body.initializers
+    assert [n.op_type for n in body.nodes].count("Slice") == 1
+    assert "Mul" not in [n.op_type for n in body.nodes]
+    x = np.random.default_rng(0).standard_normal((1, 2, 4, 6)).astype(np.float32)
+    got, = run_ort(result.model, [x])
+    want, = run_ort(proto, [x])
+    assert np.array_equal(got, want)

@@ -17,7 +17,7 @@ from rewrites.base import FixedPoint, Reject
 from rewrites.cleanup import DeadCodeElimination
 import rewrites.fold
 from rewrites.fold import FoldConstants
-from rewrites.shapes import InferShapes, broadcast, skeleton
+from rewrites.shapes import SKELETON_THRESHOLD, InferShapes, broadcast
 from tests.conformance import DATA_ROOT, matches, run_ort
 
 
@@ -147,13 +147,46 @@ g (float[B, 512] x) => (float[B, 512] y) <float[2] small = {1.0, 2.0}> {
     w = np.random.default_rng(0).standard_normal((512, 512)).astype(np.float32)  # 1 MiB
     proto.graph.initializer.append(onnx.numpy_helper.from_array(w, "w"))
     model = ir.load(proto)
-    light = skeleton(model)
+    light = ir.skeleton_proto(model, threshold=SKELETON_THRESHOLD)
     assert len(light.SerializeToString()) < 1000
-    assert [i.name for i in light.graph.input] == ["x", "w"]  # typed, without data
-    assert [t.name for t in light.graph.initializer] == ["small"]  # small constants stay
+    assert [t.name for t in light.graph.initializer] == ["small", "w"]
+    small, w = light.graph.initializer
+    assert small.data_location == onnx.TensorProto.DEFAULT  # small constants stay
+    assert w.data_location == onnx.TensorProto.EXTERNAL and list(w.dims) == [512, 512]  # no data
     InferShapes().run(model)
     assert ir.printer.format_type(node(model, "MatMul").outputs[0]) == "float32[B,512]"
     assert "w" in model.graph.initializers and not model.graph.initializers["w"].is_graph_input
+
+
+def test_infer_shapes_does_not_copy_weights_inside_branches():
+    """A 64 MiB Constant in an If branch reaches onnx's inference as an external reference
+    to nothing: typed, never copied."""
+    big = np.zeros((4096, 4096), np.float32)
+    then = onnx.helper.make_graph(
+        [onnx.helper.make_node("Constant", [], ["k"], value=onnx.numpy_helper.from_array(big, "k")),
+         onnx.helper.make_node("MatMul", ["k", "x"], ["o1"])], "then", [],
+        [onnx.helper.make_tensor_value_info("o1", onnx.TensorProto.FLOAT, None)])
+    other = onnx.helper.make_graph([onnx.helper.make_node("Neg", ["x"], ["o2"])], "else", [],
+                                   [onnx.helper.make_tensor_value_info("o2", onnx.TensorProto.FLOAT, None)])
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("If", ["c"], ["y"], then_branch=then, else_branch=other)], "g",
+        [onnx.helper.make_tensor_value_info("c", onnx.TensorProto.BOOL, []),
+         onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [4096])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)])
+    model = ir.load(onnx.helper.make_model(graph, ir_version=10,
+                                           opset_imports=[onnx.helper.make_opsetid("", 21)]))
+    del big, then, graph
+    tracemalloc.start()
+    try:
+        InferShapes().run(model)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 << 20, f"peak {peak} bytes"
+    branch = node(model, "If").attributes["then_branch"].value
+    assert [ir.printer.format_type(v) for n in branch.nodes for v in n.outputs] == \
+        ["float32[4096,4096]", "float32[4096]"]
+    assert ir.printer.format_type(model.graph.outputs[0]) == "float32[4096]"
 
 
 def test_infer_shapes_never_reads_external_weights(tmp_path, monkeypatch):
@@ -476,8 +509,9 @@ def test_huge_constant_of_shape_stays_untouched_with_bounded_memory():
     tracemalloc.stop()
     assert peak < 20 << 20  # ...whose output would be 256 PiB: nothing was materialized
     assert ir.print_graph(model.graph) == text
+    # ir.printer.format_bytes stops at GiB
     assert FoldConstants(allow_growth=True).match(node(model, "ConstantOfShape")) == \
-        Reject("output %y would be 262144.0 TiB, over the size limit of 1.0 MiB")
+        Reject("output %y would be 268435456.0 GiB, over the size limit of 1.0 MiB")
 
 
 def test_expand_and_tile_blowups_are_refused_before_evaluation():
@@ -720,6 +754,19 @@ def test_never_folds(op, reason):
     assert ir.print_graph(model.graph) == text
 
 
+def test_training_dropout_of_a_constant_is_not_folded():
+    """Dropout in training mode is random: folding it would freeze one draw of the mask
+    (the same set keeps CSE from merging two Dropouts)."""
+    model = parse("""<ir_version: 10, opset_import: ["" : 21]>
+g (float[64] x) => (float[64] y) <float[64] w = {%s}, float r = {0.5}, bool t = {1}> {
+  d = Dropout(w, r, t)
+  y = Add(x, d)
+}""" % ", ".join(["1.0"] * 64))
+    InferShapes().run(model)
+    assert FoldConstants().match(node(model, "Dropout")) == Reject("Dropout is not deterministic")
+    assert not FoldConstants().run(model).changed
+
+
 def test_quantized_weight_keeps_numbers():
     text = NEVER.replace("custom.Scale(wf)", "Abs(wf)")  # onnxruntime cannot run the custom op
     model = parse(text)
@@ -731,6 +778,27 @@ def test_quantized_weight_keeps_numbers():
     expected, got = run_ort(before, [x]), run_ort(ir.to_proto(model), [x])
     for i in (0, 1, 3, 4):  # output 2 is random
         assert np.array_equal(expected[i], got[i])
+
+
+NEWER_OPSET = """<ir_version: 10, opset_import: ["" : 40]>
+g (float[2] x) => (float[2] y) {
+  a = Constant <value = float[2] {1.0, 2.0}> ()
+  b = Neg(a)
+  y = Add(x, b)
+}"""
+
+
+@pytest.mark.parametrize("infer", [True, False], ids=["typed", "untyped"])
+def test_opset_newer_than_onnx_does_not_fold(infer):
+    """onnx knows no IR version for opset 40: the one-node model cannot be built, so
+    nothing is evaluated and nothing folds (no internal error)."""
+    model = parse(NEWER_OPSET)
+    if infer:
+        InferShapes().run(model)
+    text = ir.print_graph(model.graph)
+    result = FoldConstants().run(model)
+    assert not result.changed and not result.log.by_rule()
+    assert ir.print_graph(model.graph) == text
 
 
 # -- subgraphs ----------------------------------------------------------------------------

@@ -91,3 +91,11 @@ def test_bad_fold_size_limit_is_a_usage_error(tmp_path, capsys):
     assert main(["compile", str(FIXTURES / "tiny_cnn.onnx"), "-o", str(tmp_path / "o.onnx"),
                  "--fold-size-limit", "lots"]) == 2
     assert "'lots' is not a size (e.g. 1048576, 512K, 1M)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("text", ["inf", "1e400", "-5", "-1M"])
+def test_fold_size_limit_out_of_range_is_a_usage_error(tmp_path, capsys, text):
+    assert main(["compile", str(FIXTURES / "tiny_cnn.onnx"), "-o", str(tmp_path / "o.onnx"),
+                 f"--fold-size-limit={text}"]) == 2
+    err = capsys.readouterr().err
+    assert f"'{text}' is not a size" in err and "Traceback" not in err

@@ -194,3 +194,31 @@ def test_rewriter_names_are_fresh_and_logged():
     assert [str(c) for c in log] == ["Test: add-initializer %b_1 (float32[2])",
                                      f"Test: add-node {node.name} (Abs)"]
     assert model.graph.nodes[0] is node
+
+
+def test_add_initializer_in_a_function_body_adds_a_constant_node():
+    """A FunctionProto holds no initializers: the new constant is a Constant node at the
+    start of the body, logged as add-node."""
+    model = parse("""<ir_version: 10, opset_import: ["" : 21, "local" : 1]>
+g (float[2] x) => (float[2] y) { y = local.F(x) }
+<domain: "local", opset_import: ["" : 21]>
+F (a) => (b) { b = Relu(a) }""")
+    body = model.functions[0].graph
+    log = ChangeLog()
+    w = Rewriter(model, log, "Test").add_initializer(body, "w", np.ones(2, np.float32))
+    assert not body.initializers and body.nodes[0] is w.producer
+    assert w.producer.op_type == "Constant" and np.array_equal(w.const.numpy(), np.ones(2))
+    assert [c.kind for c in log] == ["add-node"]
+
+
+def test_one_default_opset_lookup():
+    """A model importing no ai.onnx opset: rules, shape inference and folding all assume 21
+    (onnxruntime runs such a model at its newest opset)."""
+    from rewrites.patterns import default_opset
+
+    model = parse("""<ir_version: 10, opset_import: ["custom" : 1]>
+g (float[2] x) => (float[2] y) { y = custom.Op(x) }""")
+    rule = RemoveIdentity()
+    rule.model = model
+    assert rule.opset == default_opset(model.opset_imports) == 21
+    assert default_opset({"ai.onnx": 13}) == default_opset({"": 13}) == 13

@@ -506,3 +506,16 @@ g (float[N, C] a, float[N, C] b, float[K] c) => (float[N, C] y) { y = Add(a, b) 
 def test_bad_input_shape_is_refused_even_without_verification():
     with pytest.raises(CompileError, match=r"^--input-shape 'x': expected NAME=D1,D2,"):
         compiler.compile(str(FIXTURES / "tiny_cnn.onnx"), verify=False, input_shapes=["x"])
+
+
+def test_output_dtype_must_match():
+    ref = [{"y": np.array([1, 2], np.int64)}]
+    result = compare(ref, [{"y": np.array([1, 2], np.int32)}])
+    assert not result.ok
+    assert result.worst() == "'y' has type int32, expected int64"
+
+
+def test_complex_outputs_compare_both_parts():
+    ref = [{"y": np.array([1 + 1j], np.complex64)}]
+    assert compare(ref, [{"y": np.array([1 + 1j], np.complex64)}]).ok
+    assert not compare(ref, [{"y": np.array([1 - 5j], np.complex64)}]).ok
