@@ -13,7 +13,7 @@ from typing import Callable, Iterable
 import onnx
 
 import ir
-from ir.errors import CompileError
+from ir.errors import CompileError, first_line
 
 from .data import Feed
 from .observers import HistogramObserver, MinMaxObserver
@@ -39,7 +39,7 @@ def collect(model: ir.Model, observers: dict[str, Observer], feeds: Iterable[Fee
         try:
             sess = ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
         except Exception as e:  # noqa: BLE001 - ORT raises its own types
-            raise CompileError(f"calibration: onnxruntime cannot load the model: {_first(e)}") from None
+            raise CompileError(f"calibration: onnxruntime cannot load the model: {first_line(e)}") from None
         accepted = {i.name for i in sess.get_inputs()}
         fed = [n for n in observers if n in accepted]  # graph inputs: observed from the feed
         wanted = [n for n in observers if n not in accepted]
@@ -49,7 +49,7 @@ def collect(model: ir.Model, observers: dict[str, Observer], feeds: Iterable[Fee
             try:
                 values = sess.run(wanted, {k: v for k, v in feed.items() if k in accepted})
             except Exception as e:  # noqa: BLE001
-                raise CompileError(f"calibration: onnxruntime cannot run feed {done}: {_first(e)}") from None
+                raise CompileError(f"calibration: onnxruntime cannot run feed {done}: {first_line(e)}") from None
             for name, value in zip(wanted, values):
                 observers[name].update(value)
             for name in fed:
@@ -104,7 +104,3 @@ def _external(model: ir.Model):
             if v.tensor.is_external:
                 yield v
 
-
-def _first(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0][:300] if text else type(e).__name__

@@ -23,6 +23,7 @@ import onnx
 from onnx import TensorProto, numpy_helper
 
 from ir import CompileError, Model
+from ir.errors import first_line
 from ir.tensors import dtype_name, np_dtype
 
 Feed = dict[str, np.ndarray]
@@ -228,7 +229,7 @@ def _npz_feed(path: Path, names: list[str]) -> Feed:
         with np.load(path, allow_pickle=False) as data:
             feed = {k: data[k] for k in data.files}
     except (OSError, ValueError, zipfile.BadZipFile) as e:
-        raise CompileError(f"{path}: not a readable .npz file ({_first(e)})") from None
+        raise CompileError(f"{path}: not a readable .npz file ({first_line(e)})") from None
     return _check_names(feed, names, path)
 
 
@@ -241,7 +242,7 @@ def _pb_feed(folder: Path, names: list[str]) -> Feed:
             t.ParseFromString(path.read_bytes())
             array = numpy_helper.to_array(t)
         except Exception as e:  # noqa: BLE001 - any decoding failure is bad user data
-            raise CompileError(f"{path}: not a TensorProto ({_first(e)})") from None
+            raise CompileError(f"{path}: not a TensorProto ({first_line(e)})") from None
         name = t.name if t.name in names else (names[i] if i < len(names) else t.name)
         feed[name] = array
     return _check_names(feed, names, folder)
@@ -255,9 +256,6 @@ def _check_names(feed: Feed, names: list[str], where) -> Feed:
         raise CompileError(f"{where}: feed does not match the model's inputs ({what})")
     return feed
 
-
-def _first(e: BaseException) -> str:
-    return (str(e).splitlines() or [type(e).__name__])[0]
 
 
 # -- seeded random feeds --------------------------------------------------------------------
@@ -379,9 +377,9 @@ def load_preprocess(config: str | os.PathLike | dict | Preprocess | None = None,
             values = json.loads(Path(config).read_text())
         except OSError as e:
             raise CompileError(f"{config}: cannot read the preprocessing config "
-                               f"({e.strerror or _first(e)})") from None
+                               f"({e.strerror or first_line(e)})") from None
         except (ValueError, UnicodeDecodeError) as e:
-            raise CompileError(f"{config}: not valid JSON ({_first(e)})") from None
+            raise CompileError(f"{config}: not valid JSON ({first_line(e)})") from None
         if not isinstance(values, dict):
             raise CompileError(f"{config}: expected a JSON object of preprocessing options")
     values.update(options)
@@ -498,7 +496,7 @@ def _read_image(path: Path, prep: Preprocess, size: tuple[int, int] | None, dtyp
         with image_module.open(path) as im:
             im = im.convert("L" if prep.channels == "GRAY" else "RGB")  # decodes, inside the with
     except Exception as e:  # noqa: BLE001 - whatever Pillow raises, the file is bad user data
-        raise CompileError(f"{path}: not a readable image ({_first(e)})") from None
+        raise CompileError(f"{path}: not a readable image ({first_line(e)})") from None
     if size is not None:
         im = _fit(im, size, prep, image_module)
     x = np.asarray(im, np.float64).reshape(im.height, im.width, -1)  # GRAY gets its channel axis

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import ir
 from ir import Model
+from ir.errors import first_line
 from rewrites.base import ChangeLog, Pass, PassResult
 
 from .errors import CompileError
@@ -91,7 +92,7 @@ class PassManager:
                 raise
             before = ", ".join(r.name for r in records[:-1]) or "none"
             raise PassError(f"pass {index} '{p.name}' failed (passes before it: {before}): "
-                            f"{type(e).__name__}: {_first_line(e)}") from e
+                            f"{type(e).__name__}: {first_line(e)}") from e
         record.seconds = time.perf_counter() - start
         record.nodes_after, record.param_bytes_after = count_nodes(model), param_bytes(model)
         records.append(record)
@@ -114,7 +115,3 @@ def param_bytes(model: Model) -> int:
                 total += const.nbytes if const is not None else 0
     return total
 
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else "(no message)"

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ir.errors import first_line
+
 from .errors import CompileError
 from .feeds import Feed, describe_feed
 
@@ -97,7 +99,7 @@ def run(model: bytes | str | Path, feeds: list[Feed], what: str,
     try:
         sess = session(model)
     except Exception as e:  # noqa: BLE001 - ORT raises its own exception types
-        raise error(f"onnxruntime cannot load the {what}: {_first(e)}") from None
+        raise error(f"onnxruntime cannot load the {what}: {first_line(e)}") from None
     names = [o.name for o in sess.get_outputs()]
     results = []
     for i, feed in enumerate(feeds):
@@ -105,7 +107,7 @@ def run(model: bytes | str | Path, feeds: list[Feed], what: str,
             results.append(dict(zip(names, sess.run(None, feed))))
         except Exception as e:  # noqa: BLE001
             raise error(f"onnxruntime cannot run the {what} on feed {i} ({describe_feed(feed)}): "
-                                    f"{_first(e)}; bind symbolic dimensions with --input-shape "
+                                    f"{first_line(e)}; bind symbolic dimensions with --input-shape "
                                     "or give data with --verify-data") from None
     return results
 
@@ -181,10 +183,6 @@ def _sqnr(r: np.ndarray, a: np.ndarray) -> float:
 def _db(x: float) -> str:
     return "inf dB" if x == math.inf else f"{x:.1f} dB"
 
-
-def _first(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0][:300] if text else type(e).__name__
 
 
 def runnable(model, scratch: Path) -> bytes | Path:

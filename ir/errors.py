@@ -30,3 +30,10 @@ class ExternalDataError(CompileError):
 
 class InvariantError(Exception):
     """An IR invariant does not hold. After lowering, this is a bug of the pass that ran."""
+
+
+def first_line(e: BaseException, limit: int = 300) -> str:
+    """The first line of an exception's message (libraries' messages span many lines), or
+    its type name when it has none: what a one-line error can quote."""
+    text = str(e).strip()
+    return text.splitlines()[0][:limit] if text else type(e).__name__

@@ -33,6 +33,11 @@ class Graph:
         self.inputs.append(value)
         return value
 
+    def remove_input(self, value: Value) -> None:
+        """The value stops being a graph input (an initializer default becomes a constant)."""
+        self.inputs.remove(value)
+        value._is_graph_input = False
+
     def add_initializer(self, value: Value) -> Value:
         self.initializers[value.name] = value
         return value
@@ -60,8 +65,11 @@ class Graph:
                 if v is not None and (v.uses or id(v) in outputs):
                     raise ValueError(f"cannot remove {node!r}: output {v!r} is still used")
             node.detach_inputs()
-        gone = {id(n) for n in nodes}
-        self.nodes = [n for n in self.nodes if id(n) not in gone]
+        if len(nodes) == 1:  # one node: list.remove scans in C, no new list
+            self.nodes.remove(nodes[0])
+        else:
+            gone = {id(n) for n in nodes}
+            self.nodes = [n for n in self.nodes if id(n) not in gone]
         for node in nodes:
             node.graph = None
 

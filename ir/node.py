@@ -86,6 +86,14 @@ class Node:
         if value is not None:
             value._uses.append((self, index))
 
+    def release_output(self, index: int) -> Value:
+        """Let output `index` go: the Value lives on without a producer (it becomes an
+        initializer or input). Returns it."""
+        value = self._outputs[index]
+        self._outputs[index] = None
+        value.producer, value.index = None, None
+        return value
+
     def detach_inputs(self) -> None:
         """Drop this node's uses of its inputs, and its bodies' uses of outer values
         (when the node leaves the graph)."""

@@ -196,11 +196,9 @@ class Rewriter:
     def lift_constant(self, node: Node) -> Value:
         """Turn a Constant node into an initializer of its graph. The output Value stays the
         same object, so every reader keeps reading it."""
-        value, tensor, graph = node.outputs[0], node.outputs[0].const, node.graph
-        graph.nodes.remove(node)
-        node.graph = None
-        node._outputs[0] = None
-        value.producer, value.index = None, None
+        tensor, graph = node.outputs[0].const, node.graph
+        value = node.release_output(0)
+        graph.remove(node)
         value.tensor = tensor
         value.dtype, value.shape = tensor.dtype, tensor.shape
         graph.add_initializer(value)
@@ -210,8 +208,7 @@ class Rewriter:
     def freeze_input(self, graph: Graph, value: Value) -> None:
         """A graph input with an initializer default stops being an input: its default
         becomes a constant (the signature shrinks; only done when asked)."""
-        graph.inputs.remove(value)
-        value._is_graph_input = False
+        graph.remove_input(value)
         self._record("freeze-input", f"%{value.name}")
 
     def set_type(self, value: Value, dtype: int | None, shape) -> None:
