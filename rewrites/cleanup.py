@@ -492,21 +492,31 @@ class ComposeReshapes(_Rule):
         rewriter.set_input(match.nodes[0], 0, match["x"])
 
 
+def _axes_pair(node: Node, inner_op: str) -> tuple[Node, list | None, list | None] | Reject:
+    """For Squeeze/Unsqueeze over Unsqueeze/Squeeze: the inner node, its axes and the outer
+    node's axes (attribute or input, by opset)."""
+    inner = producer(node.inputs[0], inner_op)
+    if inner is None:
+        return Reject(f"input is not produced by {inner_op}")
+    if _has_refs(inner):
+        return Reject(f"the {inner_op} refers to a function attribute")
+    inner_axes, outer_axes = _ints(inner, "axes", 1), _ints(node, "axes", 1)
+    for r in (inner_axes, outer_axes):
+        if isinstance(r, Reject):
+            return r
+    return inner, inner_axes, outer_axes
+
+
 class SqueezeOfUnsqueeze(_Forward):
     """Squeeze(Unsqueeze(x, a), a) -> x."""
 
     op_type = "Squeeze"
 
     def check(self, node: Node) -> Match | Reject:
-        inner = producer(node.inputs[0], "Unsqueeze")
-        if inner is None:
-            return Reject("input is not produced by Unsqueeze")
-        if _has_refs(inner):
-            return Reject("the Unsqueeze refers to a function attribute")
-        inserted, squeezed = _ints(inner, "axes", 1), _ints(node, "axes", 1)
-        for r in (inserted, squeezed):
-            if isinstance(r, Reject):
-                return r
+        pair = _axes_pair(node, "Unsqueeze")
+        if isinstance(pair, Reject):
+            return pair
+        inner, inserted, squeezed = pair
         if not squeezed:
             return Reject("no axes: squeezes every dim of size 1, not just the inserted ones")
         x = inner.inputs[0]
@@ -523,15 +533,10 @@ class UnsqueezeOfSqueeze(_Forward):
     op_type = "Unsqueeze"
 
     def check(self, node: Node) -> Match | Reject:
-        inner = producer(node.inputs[0], "Squeeze")
-        if inner is None:
-            return Reject("input is not produced by Squeeze")
-        if _has_refs(inner):
-            return Reject("the Squeeze refers to a function attribute")
-        squeezed, inserted = _ints(inner, "axes", 1), _ints(node, "axes", 1)
-        for r in (squeezed, inserted):
-            if isinstance(r, Reject):
-                return r
+        pair = _axes_pair(node, "Squeeze")
+        if isinstance(pair, Reject):
+            return pair
+        inner, squeezed, inserted = pair
         if not squeezed:
             return Reject("Squeeze without axes: which dims it removed is not known")
         x = inner.inputs[0]

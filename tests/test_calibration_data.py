@@ -17,6 +17,7 @@ from calibration.data import (Preprocess, Source, as_source, feeds_source, folde
                               load_preprocess, npz_source, random_source, split, test_data_source)
 from compiler.feeds import random_feeds
 from ir import CompileError
+from tests.payloads import PicklePayload
 
 
 @pytest.fixture
@@ -95,21 +96,11 @@ def test_bad_npz_is_named_when_reached(npz_folder):
                                "(not a zip archive)")
 
 
-class _Payload:
-    """Unpickling this creates `flag`: proof that a pickle ran."""
-
-    def __init__(self, flag: str):
-        self.flag = flag
-
-    def __reduce__(self):
-        return (open, (self.flag, "w"))
-
-
 def test_pickled_npz_is_refused_never_unpickled(tmp_path):
     folder = tmp_path / "data"
     folder.mkdir()
     flag = tmp_path / "unpickled"
-    np.savez(folder / "feed.npz", x=np.array([_Payload(str(flag))], dtype=object))
+    np.savez(folder / "feed.npz", x=np.array([PicklePayload(str(flag))], dtype=object))
     with pytest.raises(CompileError) as info:
         list(npz_source(folder, ["x"]))
     assert str(info.value) == (f"{folder / 'feed.npz'}: not a readable .npz file "

@@ -20,6 +20,7 @@ from compiler.feeds import load_feeds, parse_input_shapes, random_feeds, signatu
 from compiler.verify import EXACT, Tolerance, compare
 from rewrites.base import Match, Reject, RewriteRule, RulePass
 from rewrites.cleanup import DeadCodeElimination, remove_identity
+from tests.payloads import PicklePayload
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 
@@ -390,22 +391,12 @@ def test_npz_with_an_unknown_key(tmp_path):
     assert str(info.value) == f"{path}: feed does not match the model's inputs (unknown w)"
 
 
-class _Payload:
-    """Unpickling this creates `flag`: proof that a pickle ran."""
-
-    def __init__(self, flag: str):
-        self.flag = flag
-
-    def __reduce__(self):
-        return (open, (self.flag, "w"))
-
-
 def test_pickled_npz_is_refused_never_unpickled(tmp_path):
     data = tmp_path / "data"
     data.mkdir()
     flag = tmp_path / "unpickled"
     path = data / "feed.npz"
-    np.savez(path, x=np.array([_Payload(str(flag))], dtype=object))
+    np.savez(path, x=np.array([PicklePayload(str(flag))], dtype=object))
     with pytest.raises(CompileError) as info:
         load_feeds(data, typed_model())
     assert str(info.value) == (f"{path}: not a readable .npz file "
