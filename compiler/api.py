@@ -12,10 +12,14 @@ from typing import Sequence
 import onnx
 
 import ir
+from calibration import CalibrationTable, as_source, split
 from rewrites.base import Pass
+from rewrites.cleanup import DeadCodeElimination
+from rewrites.qdq import InsertQDQ
 
 from .errors import CompileError
 from .feeds import as_feed, load_feeds, parse_input_shapes, random_feeds
+from .quantize import DEFAULT_MIN_COSINE, Calibrate, quantize_tolerance
 from .instruments import DebugDump, VerifyEachPass
 from .pass_manager import PassManager, count_nodes, param_bytes
 from .pipeline import get_pipeline
@@ -27,6 +31,7 @@ from .verify import EXACT, Tolerance, VerificationError, compare, run, runnable
 class CompileResult:
     ir_model: ir.Model
     report: CompileReport
+    calibration_table: CalibrationTable | None = None  # when quantizing: save it to reuse it
 
     @property
     def model(self) -> onnx.ModelProto:
@@ -58,15 +63,24 @@ def compile(model, *, pipeline: str | Sequence[Pass] = "default", pipeline_optio
             verify_each_pass: bool = False, debug_dump: str | os.PathLike | None = None,
             verify_data: str | os.PathLike | None = None, feeds: Sequence[dict] | None = None,
             input_shapes: dict[str, Sequence[int]] | Sequence[str] | None = None,
-            tolerance: Tolerance = EXACT) -> CompileResult:
+            tolerance: Tolerance = EXACT, quantize: str | None = None, calibration=None,
+            calibration_table=None, calibration_method: str = "minmax",
+            calibration_samples: int | None = None, exclude: Sequence[str] = (),
+            min_cosine: float = DEFAULT_MIN_COSINE, progress=None) -> CompileResult:
     """Compile `model` (a path, bytes, `onnx.ModelProto` or `onnx_graphsurgeon.Graph`; the
     caller's object is never modified) through `pipeline` (a name, with `pipeline_options`
     for its function in compiler/pipeline.py, or a list of passes), then check the result
     against the input in onnxruntime unless `verify=False`.
 
-    Verification feeds: `feeds` (feed dicts), else `verify_data` (a folder), else two seeded
-    random feeds with symbolic dimensions bound by `input_shapes` ({name: dims} or
-    ["name=1,3,224,224"]) or set to 1."""
+    Verification feeds: `feeds` (feed dicts), else `verify_data` (a folder), else (when
+    quantizing) feeds held out of the calibration data, else two seeded random feeds with
+    symbolic dimensions bound by `input_shapes` ({name: dims} or ["name=1,3,224,224"]) or 1.
+
+    `quantize="int8"` appends calibration and QDQ insertion to the pipeline: ranges come from
+    `calibration` (a folder, feed dicts or a calibration Source; `calibration_samples` caps
+    it) with `calibration_method`, or from `calibration_table` (a path or CalibrationTable);
+    `exclude` names nodes or op types to keep in float; the result must keep every output's
+    cosine with the float model at `min_cosine` or more."""
     source = _as_source(model)
     ir_model = ir.load(source)
     pipeline_name = pipeline if isinstance(pipeline, str) else "custom"
@@ -75,6 +89,12 @@ def compile(model, *, pipeline: str | Sequence[Pass] = "default", pipeline_optio
     report = CompileReport(pipeline_name, nodes_before=count_nodes(ir_model),
                            param_bytes_before=param_bytes(ir_model))
 
+    held_out, calibrate = None, None
+    if quantize is not None:
+        calibrate, held_out = _quantize_stage(ir_model, quantize, calibration, calibration_table,
+                                              calibration_method, calibration_samples, exclude, progress)
+        passes += [calibrate, calibrate.insert, DeadCodeElimination()]
+        tolerance = quantize_tolerance(min_cosine)
     shapes = parse_input_shapes(input_shapes) if _is_spec_list(input_shapes) else \
         {k: tuple(v) for k, v in (input_shapes or {}).items()}  # parsed even unused: bad flags fail
     reference = []
@@ -83,6 +103,8 @@ def compile(model, *, pipeline: str | Sequence[Pass] = "default", pipeline_optio
             feeds = [as_feed(f) for f in feeds]
         elif verify_data is not None:
             feeds = load_feeds(Path(verify_data), ir_model)
+        elif held_out is not None:
+            feeds = list(held_out)
         else:
             feeds = random_feeds(ir_model, shapes)
         reference = run(_reference_source(source), feeds, "input model", error=CompileError)
@@ -91,7 +113,7 @@ def compile(model, *, pipeline: str | Sequence[Pass] = "default", pipeline_optio
     if debug_dump is not None:  # first, so the pass that breaks the numbers is dumped too
         instruments.append(DebugDump(debug_dump))
     if verify_each_pass:
-        instruments.append(VerifyEachPass(feeds, reference, tolerance))
+        instruments.append(VerifyEachPass(feeds, reference, EXACT, lossy_tolerance=tolerance))
     report.records = PassManager(passes, instruments).run(ir_model)
     report.nodes_after, report.param_bytes_after = count_nodes(ir_model), param_bytes(ir_model)
 
@@ -104,7 +126,31 @@ def compile(model, *, pipeline: str | Sequence[Pass] = "default", pipeline_optio
         report.verification = compare(reference, outputs, tolerance)
         if not report.verification.ok:
             raise VerificationError(f"verification failed: {report.verification.worst()}")
-    return CompileResult(ir_model, report)
+    return CompileResult(ir_model, report, calibrate.table if calibrate is not None else None)
+
+
+HOLDOUT = 4  # calibration feeds kept apart to verify the quantized model on unseen data
+
+
+def _quantize_stage(model, mode, calibration, table, method, samples, exclude, progress):
+    """The Calibrate and InsertQDQ passes, and the feeds held out for verification."""
+    if mode != "int8":
+        raise CompileError(f"quantization '{mode}' is not supported (choose from: int8)")
+    if isinstance(table, (str, os.PathLike)):
+        table = CalibrationTable.load(table)
+    calib, held_out = None, None
+    if calibration is not None:
+        source = as_source(calibration, model, what="calibration data")
+        if source.length == 1:
+            calib = held_out = source  # one sample: verify on it rather than on nothing
+        else:
+            holdout = HOLDOUT if source.length is None else min(HOLDOUT, max(1, source.length // 5))
+            calib, held_out = split(source, holdout=holdout)
+        calib = calib.limit(samples) if samples is not None else calib
+    insert = InsertQDQ(exclude=tuple(exclude))
+    calibrate = Calibrate(insert=insert, feeds=calib, method=method, exclude=tuple(exclude), table=table,
+                          progress=progress)
+    return calibrate, held_out
 
 
 def _as_source(model):

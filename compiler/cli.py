@@ -25,6 +25,8 @@ examples:
   onnxcc compile model.onnx -o out.onnx --input-shape x=1,3,224,224 bind symbolic dims for verification
   onnxcc compile model.onnx -o out.onnx --verify-data feeds/        .npz files or test_data_set_* folders
   onnxcc compile model.onnx -o out.onnx --verify-each-pass          name the first pass that breaks numerics
+  onnxcc compile model.onnx -o int8.onnx --quantize int8 --calib feeds/ --save-calibration calib.json
+  onnxcc compile model.onnx -o int8.onnx --quantize int8 --calibration-table calib.json
   onnxcc compile old.onnx -o out.onnx --freeze-inputs --allow-growth --fold-size-limit 1G
                                                                     fold everything, even if it grows
   onnxcc inspect model.onnx                                         ops, parameters, signature, metadata
@@ -63,6 +65,22 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--freeze-inputs", action="store_true",
                    help="treat graph inputs that have initializer defaults as constants (IR 3 models "
                         "list every weight as an input); the model's signature loses them")
+    q = c.add_argument_group("quantization (W8A8 QDQ for onnxruntime's CPU EP)")
+    q.add_argument("--quantize", choices=["int8"], help="quantize: uint8 activations, int8 per-channel weights")
+    q.add_argument("--calib", type=Path, metavar="DIR",
+                   help="calibration data: .npz files (keys are input names) or test_data_set_* folders; "
+                        "a few are held out to verify the result")
+    q.add_argument("--calib-method", default="minmax", choices=["minmax", "percentile", "entropy", "mse"],
+                   help="how ranges are chosen from the observed values (default: %(default)s)")
+    q.add_argument("--calib-samples", type=int, metavar="N", help="use at most N calibration feeds")
+    q.add_argument("--exclude", action="append", default=[], metavar="NAME_OR_OP",
+                   help="keep this node (by name) or op type in float (repeatable)")
+    q.add_argument("--save-calibration", type=Path, metavar="FILE",
+                   help="write the calibration table (JSON) so the compile can be reproduced")
+    q.add_argument("--calibration-table", type=Path, metavar="FILE",
+                   help="reuse a calibration table instead of calibrating (no data needed)")
+    q.add_argument("--min-cosine", type=float, default=0.99, metavar="C",
+                   help="fail when an output's cosine with the float model falls below C (default: %(default)s)")
     c.add_argument("--debug-dump", type=Path, metavar="DIR",
                    help="write NNN_<pass>.onnx/.txt/.diff per pass and summary.txt into DIR")
     c.add_argument("--no-verify", action="store_true", help="skip the final check in onnxruntime")
@@ -117,14 +135,36 @@ def _compile(args) -> int:
     options = {k: v for k, v in (("fold_size_limit", args.fold_size_limit),
                                  ("allow_growth", args.allow_growth or None),
                                  ("freeze_inputs", args.freeze_inputs or None)) if v is not None}
-    result = compile_model(args.model, pipeline=args.pipeline, pipeline_options=options,
+    quantize = {}
+    if args.quantize:
+        quantize = dict(quantize=args.quantize, calibration=args.calib, calibration_table=args.calibration_table,
+                        calibration_method=args.calib_method, calibration_samples=args.calib_samples,
+                        exclude=args.exclude, min_cosine=args.min_cosine, progress=_progress())
+    elif args.calib or args.calibration_table or args.save_calibration or args.exclude:
+        raise CompileError("--calib, --calibration-table, --save-calibration and --exclude need --quantize int8")
+    result = compile_model(args.model, pipeline=args.pipeline, pipeline_options=options, **quantize,
                            verify=not args.no_verify,
                            verify_each_pass=args.verify_each_pass, debug_dump=args.debug_dump,
                            verify_data=args.verify_data, input_shapes=args.input_shape)
     result.save(args.output)
+    if args.save_calibration and result.calibration_table is not None:
+        result.calibration_table.save(args.save_calibration)
     print(result.report)
     print(f"wrote {args.output}")
     return 0
+
+
+def _progress():
+    """A one-line progress counter for calibration, on a terminal only."""
+    if not sys.stderr.isatty():
+        return None
+
+    def show(done: int, total: int | None) -> None:
+        of = f"/{total}" if total else ""
+        end = "\n" if total and done == total else ""
+        print(f"\rcalibrating: {done}{of} feeds", end=end, file=sys.stderr, flush=True)
+
+    return show
 
 
 def _byte_size(text: str) -> int:

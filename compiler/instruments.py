@@ -62,8 +62,9 @@ class DebugDump(Instrument):
 
     def after_pass(self, record: PassRecord, model: Model) -> None:
         stem = f"{record.index:03d}_{record.name}"
-        if not record.changed:
-            (self.folder / f"{stem}.unchanged").write_text(f"pass '{record.name}' changed nothing\n")
+        if not record.changed:  # what it found still shows (calibrate logs every range)
+            notes = change_header(record) if len(record.log) else ""
+            (self.folder / f"{stem}.unchanged").write_text(f"pass '{record.name}' changed nothing\n{notes}")
             return
         text = ir.print_model(model)
         self._snapshot(stem, model, text)

@@ -1,0 +1,75 @@
+"""Quantization in the compiler: calibrate on the user's data (onnxruntime runs here, not
+in rewrites/), then let the QDQ pass insert what the calibration table says."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from calibration import CalibrationTable, HistogramObserver, MinMaxObserver, entry_from_observer
+from calibration import METHODS, params_from_range, select_range
+from calibration.collect import collect
+from ir import Model
+from rewrites.base import Change, ChangeLog, Pass, PassResult
+from rewrites.qdq import InsertQDQ, plan
+
+from .errors import CompileError
+from .verify import Tolerance
+
+DEFAULT_MIN_COSINE = 0.99
+
+
+def quantize_tolerance(min_cosine: float = DEFAULT_MIN_COSINE) -> Tolerance:
+    """Quantized outputs are held to a cosine budget, not to elementwise closeness."""
+    return Tolerance(rtol=math.inf, atol=math.inf, min_cosine=min_cosine)
+
+
+@dataclass
+class Calibrate(Pass):
+    """Find the range of every tensor the QDQ plan needs — from `feeds` through onnxruntime,
+    or from a given `table` — and hand the table to the insertion pass that follows. The
+    graph does not change; the log lists each tensor's range, scale and zero point, which
+    the debug dump shows."""
+
+    name = "calibrate"
+    insert: InsertQDQ | None = None
+    feeds: Any = None
+    method: str = "minmax"
+    exclude: tuple[str, ...] = ()
+    table: CalibrationTable | None = None
+    progress: Callable[[int, int | None], None] | None = None
+    feeds_used: int = field(default=0, init=False)
+
+    def run(self, model: Model) -> PassResult:
+        if self.method not in METHODS:
+            raise CompileError(f"unknown calibration method '{self.method}' (choose from: {', '.join(METHODS)})")
+        wanted = plan(model, exclude=self.exclude).activations
+        if self.table is None:
+            if self.feeds is None:
+                raise CompileError("quantization needs calibration data (--calib DIR) or a calibration "
+                                   "table (--calibration-table FILE)")
+            observers = {name: MinMaxObserver() if self.method == "minmax" else HistogramObserver()
+                         for name in wanted}
+            self.feeds_used = collect(model, observers, self.feeds, progress=self.progress)
+            if not self.feeds_used:
+                raise CompileError("calibration data holds no feeds")
+            self.table = CalibrationTable()
+            for name, obs in observers.items():
+                lo, hi = select_range(obs, self.method)
+                self.table[name] = entry_from_observer(obs, self.method, (lo, hi),
+                                                       params_from_range(lo, hi, "uint8"))
+        missing = [name for name in wanted if name not in self.table]
+        if missing:
+            raise CompileError(f"calibration table has no entry for tensor '{missing[0]}' "
+                               f"({len(missing)} missing); recalibrate with --calib DIR")
+        if self.insert is not None:
+            self.insert.table = self.table
+        log = ChangeLog()
+        for name in wanted:
+            entry = self.table[name]
+            p = entry.params
+            log.record(Change(self.name, "calibrate", f"%{name}",
+                              f"{entry.method} range [{entry.range[0]:.6g}, {entry.range[1]:.6g}], "
+                              f"scale {float(p.scale):.6g}, zero point {int(p.zero_point)} {p.dtype}"))
+        return PassResult(False, log)

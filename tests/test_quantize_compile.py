@@ -1,0 +1,86 @@
+"""Quantization through the compiler: calibration on the user's data, the table saved and
+reused, verification against the float model on held-out feeds, the CLI flags."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+import compiler
+from calibration import CalibrationTable
+from compiler.cli import main
+
+FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
+TINY = FIXTURES / "tiny_cnn.onnx"
+
+
+@pytest.fixture
+def calib(tmp_path) -> Path:
+    folder = tmp_path / "calib"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(12):
+        np.savez(folder / f"{i:02d}.npz", x=rng.standard_normal((1, 3, 16, 16)).astype(np.float32))
+    return folder
+
+
+def ops(model: onnx.ModelProto) -> list[str]:
+    return [n.op_type for n in model.graph.node]
+
+
+def test_quantize_calibrates_inserts_qdq_and_verifies(calib):
+    result = compiler.compile(str(TINY), quantize="int8", calibration=calib)
+    model_ops = ops(result.model)
+    assert "QuantizeLinear" in model_ops and "DequantizeLinear" in model_ops
+    table = result.calibration_table
+    assert len(table) > 0
+    calibrate = next(r for r in result.report.records if r.name == "calibrate")
+    assert calibrate.log.by_kind() == {"calibrate": len(table)}
+    assert result.report.verification.feeds == 2  # held out: 12 feeds // 5
+    assert all(o.cosine >= 0.99 for o in result.report.verification.outputs)
+
+
+def test_a_saved_table_reproduces_the_compile_without_data(calib, tmp_path):
+    first = compiler.compile(str(TINY), quantize="int8", calibration=calib)
+    path = tmp_path / "calib.json"
+    first.calibration_table.save(path)
+    again = compiler.compile(str(TINY), quantize="int8", calibration_table=path)
+    assert again.model.SerializeToString() == first.model.SerializeToString()
+    assert CalibrationTable.load(path).dumps() == first.calibration_table.dumps()
+
+
+def test_quantizing_without_data_or_table_is_refused():
+    with pytest.raises(compiler.CompileError, match=r"^quantization needs calibration data \(--calib DIR\) "
+                                                     r"or a calibration table \(--calibration-table FILE\)$"):
+        compiler.compile(str(TINY), quantize="int8")
+
+
+def test_unsupported_mode_is_refused(calib):
+    with pytest.raises(compiler.CompileError, match=r"^quantization 'int4' is not supported \(choose from: int8\)$"):
+        compiler.compile(str(TINY), quantize="int4", calibration=calib)
+
+
+def test_cosine_budget_fails_verification(calib):
+    with pytest.raises(compiler.VerificationError, match=r"^verification failed: 'logits' "):
+        compiler.compile(str(TINY), quantize="int8", calibration=calib, min_cosine=1.0 + 1e-9)
+
+
+def test_cli_quantize_saves_the_table_and_dumps_the_ranges(calib, tmp_path, capsys):
+    out, table, dump = tmp_path / "int8.onnx", tmp_path / "t.json", tmp_path / "dump"
+    assert main(["compile", str(TINY), "-o", str(out), "--quantize", "int8", "--calib", str(calib),
+                 "--save-calibration", str(table), "--debug-dump", str(dump)]) == 0
+    assert out.exists() and table.exists()
+    marker = next(dump.glob("*_calibrate.unchanged")).read_text()
+    assert "calibrate: calibrate %" in marker and "scale" in marker and "zero point" in marker
+    assert main(["compile", str(TINY), "-o", str(tmp_path / "again.onnx"), "--quantize", "int8",
+                 "--calibration-table", str(table)]) == 0
+    assert (tmp_path / "again.onnx").read_bytes() == out.read_bytes()
+
+
+def test_cli_calibration_flags_need_quantize(calib, tmp_path, capsys):
+    assert main(["compile", str(TINY), "-o", str(tmp_path / "o.onnx"), "--calib", str(calib)]) == 2
+    assert capsys.readouterr().err == ("onnxcc: error: --calib, --calibration-table, --save-calibration "
+                                       "and --exclude need --quantize int8\n")
