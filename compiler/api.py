@@ -66,7 +66,8 @@ def compile(model, *, pipeline: str | Sequence[Pass] = "default", pipeline_optio
             tolerance: Tolerance = EXACT, quantize: str | None = None, calibration=None,
             calibration_table=None, calibration_method: str = "minmax",
             calibration_samples: int | None = None, exclude: Sequence[str] = (),
-            min_cosine: float = DEFAULT_MIN_COSINE, progress=None) -> CompileResult:
+            min_cosine: float = DEFAULT_MIN_COSINE, per_channel: bool = True,
+            progress=None) -> CompileResult:
     """Compile `model` (a path, bytes, `onnx.ModelProto` or `onnx_graphsurgeon.Graph`; the
     caller's object is never modified) through `pipeline` (a name, with `pipeline_options`
     for its function in compiler/pipeline.py, or a list of passes), then check the result
@@ -79,7 +80,8 @@ def compile(model, *, pipeline: str | Sequence[Pass] = "default", pipeline_optio
     `quantize="int8"` appends calibration and QDQ insertion to the pipeline: ranges come from
     `calibration` (a folder, feed dicts or a calibration Source; `calibration_samples` caps
     it) with `calibration_method`, or from `calibration_table` (a path or CalibrationTable);
-    `exclude` names nodes or op types to keep in float; the result must keep every output's
+    `exclude` names nodes or op types to keep in float; `per_channel=False` gives one weight
+    scale per tensor (models below opset 13); the result must keep every output's
     cosine with the float model at `min_cosine` or more."""
     source = _as_source(model)
     ir_model = ir.load(source)
@@ -92,7 +94,8 @@ def compile(model, *, pipeline: str | Sequence[Pass] = "default", pipeline_optio
     held_out, calibrate = None, None
     if quantize is not None:
         calibrate, held_out = _quantize_stage(ir_model, quantize, calibration, calibration_table,
-                                              calibration_method, calibration_samples, exclude, progress)
+                                              calibration_method, calibration_samples, exclude,
+                                              per_channel, progress)
         passes += [calibrate, calibrate.insert, DeadCodeElimination()]
         tolerance = quantize_tolerance(min_cosine)
     shapes = parse_input_shapes(input_shapes) if _is_spec_list(input_shapes) else \
@@ -132,7 +135,7 @@ def compile(model, *, pipeline: str | Sequence[Pass] = "default", pipeline_optio
 HOLDOUT = 4  # calibration feeds kept apart to verify the quantized model on unseen data
 
 
-def _quantize_stage(model, mode, calibration, table, method, samples, exclude, progress):
+def _quantize_stage(model, mode, calibration, table, method, samples, exclude, per_channel, progress):
     """The Calibrate and InsertQDQ passes, and the feeds held out for verification."""
     if mode != "int8":
         raise CompileError(f"quantization '{mode}' is not supported (choose from: int8)")
@@ -147,7 +150,7 @@ def _quantize_stage(model, mode, calibration, table, method, samples, exclude, p
             holdout = HOLDOUT if source.length is None else min(HOLDOUT, max(1, source.length // 5))
             calib, held_out = split(source, holdout=holdout)
         calib = calib.limit(samples) if samples is not None else calib
-    insert = InsertQDQ(exclude=tuple(exclude))
+    insert = InsertQDQ(exclude=tuple(exclude), per_channel=per_channel)
     calibrate = Calibrate(insert=insert, feeds=calib, method=method, exclude=tuple(exclude), table=table,
                           progress=progress)
     return calibrate, held_out

@@ -79,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write the calibration table (JSON) so the compile can be reproduced")
     q.add_argument("--calibration-table", type=Path, metavar="FILE",
                    help="reuse a calibration table instead of calibrating (no data needed)")
+    q.add_argument("--per-tensor-weights", action="store_true",
+                   help="one scale per weight tensor instead of per output channel (needed below opset 13)")
     q.add_argument("--min-cosine", type=float, default=0.99, metavar="C",
                    help="fail when an output's cosine with the float model falls below C (default: %(default)s)")
     c.add_argument("--debug-dump", type=Path, metavar="DIR",
@@ -139,7 +141,8 @@ def _compile(args) -> int:
     if args.quantize:
         quantize = dict(quantize=args.quantize, calibration=args.calib, calibration_table=args.calibration_table,
                         calibration_method=args.calib_method, calibration_samples=args.calib_samples,
-                        exclude=args.exclude, min_cosine=args.min_cosine, progress=_progress())
+                        exclude=args.exclude, min_cosine=args.min_cosine,
+                        per_channel=not args.per_tensor_weights, progress=_progress())
     elif args.calib or args.calibration_table or args.save_calibration or args.exclude:
         raise CompileError("--calib, --calibration-table, --save-calibration and --exclude need --quantize int8")
     result = compile_model(args.model, pipeline=args.pipeline, pipeline_options=options, **quantize,

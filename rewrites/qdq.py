@@ -161,7 +161,7 @@ class InsertQDQ(Pass):
             raise CompileError(f"quantize: QuantizeLinear needs opset >= 10, the model has opset {opset}")
         if self.per_channel and opset < 13:
             raise CompileError(f"quantize: per-channel weights need opset >= 13, the model has opset {opset} "
-                               f"(upgrade the model or quantize per tensor)")
+                               f"(upgrade the model or quantize weights per tensor: --per-tensor-weights)")
         if self.activation_dtype in ("uint16", "int16") and opset < 21:
             raise CompileError(f"quantize: {self.activation_dtype} activations need opset >= 21, "
                                f"the model has opset {opset}")

@@ -263,7 +263,7 @@ def test_per_channel_below_opset_13_is_refused():
     with pytest.raises(CompileError) as e:
         InsertQDQ(CalibrationTable()).run(model)
     assert str(e.value) == ("quantize: per-channel weights need opset >= 13, the model has opset 12 "
-                            "(upgrade the model or quantize per tensor)")
+                            "(upgrade the model or quantize weights per tensor: --per-tensor-weights)")
 
 
 def test_missing_table_entry():

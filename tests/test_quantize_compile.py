@@ -84,3 +84,15 @@ def test_cli_calibration_flags_need_quantize(calib, tmp_path, capsys):
     assert main(["compile", str(TINY), "-o", str(tmp_path / "o.onnx"), "--calib", str(calib)]) == 2
     assert capsys.readouterr().err == ("onnxcc: error: --calib, --calibration-table, --save-calibration "
                                        "and --exclude need --quantize int8\n")
+
+
+def test_per_tensor_weights_give_one_scale_per_weight(calib):
+    result = compiler.compile(str(TINY), quantize="int8", calibration=calib, per_channel=False)
+    inits = {t.name: t for t in result.model.graph.initializer}
+    weight_dqs = [n for n in result.model.graph.node
+                  if n.op_type == "DequantizeLinear" and inits.get(n.input[0]) is not None
+                  and inits[n.input[0]].data_type == onnx.TensorProto.INT8]
+    assert weight_dqs
+    for dq in weight_dqs:
+        assert list(inits[dq.input[1]].dims) == []  # a scalar scale
+    assert result.report.verification.ok
