@@ -19,7 +19,7 @@ from rewrites.qdq import InsertQDQ
 
 from .errors import CompileError
 from .feeds import as_feed, load_feeds, parse_input_shapes, random_feeds
-from .quantize import DEFAULT_MIN_COSINE, Calibrate, quantize_tolerance
+from .quantize import DEFAULT_MIN_COSINE, Calibrate, quantize_tolerance, upgrade_for_per_channel
 from .instruments import DebugDump, VerifyEachPass
 from .pass_manager import PassManager, count_nodes, param_bytes
 from .pipeline import get_pipeline
@@ -85,11 +85,15 @@ def compile(model, *, pipeline: str | Sequence[Pass] = "default", pipeline_optio
     cosine with the float model at `min_cosine` or more."""
     source = _as_source(model)
     ir_model = ir.load(source)
+    notes = []
+    if quantize is not None and per_channel:
+        ir_model, note = upgrade_for_per_channel(ir_model)
+        notes += [note] if note else []
     pipeline_name = pipeline if isinstance(pipeline, str) else "custom"
     passes = get_pipeline(pipeline, **(pipeline_options or {})) if isinstance(pipeline, str) \
         else list(pipeline)
     report = CompileReport(pipeline_name, nodes_before=count_nodes(ir_model),
-                           param_bytes_before=param_bytes(ir_model))
+                           param_bytes_before=param_bytes(ir_model), notes=notes)
 
     held_out, calibrate = None, None
     if quantize is not None:

@@ -7,17 +7,45 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from calibration import CalibrationTable, HistogramObserver, MinMaxObserver, entry_from_observer
-from calibration import METHODS, params_from_range, select_range
+import onnx
+import onnx.version_converter
+
+import ir
+from calibration import (METHODS, CalibrationTable, HistogramObserver, MinMaxObserver, entry_from_observer,
+                         params_from_range, select_range)
 from calibration.collect import collect
 from ir import Model
+from ir.emit import has_external
+from ir.errors import first_line
 from rewrites.base import Change, ChangeLog, Pass, PassResult
+from rewrites.patterns import default_opset
 from rewrites.qdq import InsertQDQ, plan
 
 from .errors import CompileError
 from .verify import Tolerance
 
 DEFAULT_MIN_COSINE = 0.99
+PER_CHANNEL_OPSET = 13  # DequantizeLinear's axis attribute
+
+
+def upgrade_for_per_channel(model: Model) -> tuple[Model, str | None]:
+    """Per-channel weights need DequantizeLinear with an axis (opset 13). An older model is
+    converted with onnx's version converter (in memory, so only models without external
+    data); returns the model and a note for the report."""
+    opset = default_opset(model.opset_imports)
+    if opset >= PER_CHANNEL_OPSET:
+        return model, None
+    remedy = "or quantize weights per tensor: --per-tensor-weights"
+    if has_external(model):
+        raise CompileError(f"per-channel weights need opset {PER_CHANNEL_OPSET}, the model has opset {opset} "
+                           f"and external data, which the upgrade does not handle yet; {remedy}")
+    try:
+        proto = onnx.version_converter.convert_version(ir.to_proto(model), PER_CHANNEL_OPSET)
+        upgraded = ir.load(proto)
+    except Exception as e:  # noqa: BLE001 - the converter raises assorted errors
+        raise CompileError(f"per-channel weights need opset {PER_CHANNEL_OPSET}; onnx's version converter "
+                           f"cannot upgrade this model from opset {opset} ({first_line(e)}); {remedy}") from None
+    return upgraded, f"opset upgraded from {opset} to {PER_CHANNEL_OPSET} for per-channel weights"
 
 
 def quantize_tolerance(min_cosine: float = DEFAULT_MIN_COSINE) -> Tolerance:

@@ -19,6 +19,7 @@ class CompileReport:
     nodes_after: int = 0
     param_bytes_before: int = 0
     param_bytes_after: int = 0
+    notes: list[str] = field(default_factory=list)  # what the compiler did besides passes
 
     def rewrites_by_rule(self) -> dict[str, int]:
         total: dict[str, int] = {}
@@ -30,6 +31,8 @@ class CompileReport:
     def headline(self) -> str:
         line = (f"pipeline '{self.pipeline}': {self.nodes_before} -> {self.nodes_after} nodes, "
                 f"{format_bytes(self.param_bytes_before)} -> {format_bytes(self.param_bytes_after)} parameters")
+        for note in self.notes:
+            line += f"; {note}"
         if self.verification is not None:
             v = self.verification
             line += f"; verified on {v.feeds} feed{'' if v.feeds == 1 else 's'}: {v.worst()}"

@@ -96,3 +96,28 @@ def test_per_tensor_weights_give_one_scale_per_weight(calib):
     for dq in weight_dqs:
         assert list(inits[dq.input[1]].dims) == []  # a scalar scale
     assert result.report.verification.ok
+
+
+def test_models_below_opset_13_are_upgraded_for_per_channel_weights(calib):
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(1)
+    w = numpy_helper.from_array((rng.standard_normal((8, 3, 3, 3)) * 0.2).astype(np.float32), "w")
+    fc = numpy_helper.from_array((rng.standard_normal((10, 8 * 16 * 16)) * 0.02).astype(np.float32), "fc")
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+         helper.make_node("Relu", ["c"], ["r"]),
+         helper.make_node("Flatten", ["r"], ["f"]),
+         helper.make_node("Gemm", ["f", "fc"], ["logits"], transB=1)],
+        "old", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 16, 16])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 10])], [w, fc])
+    old = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11)])
+    old.ir_version = 6
+    result = compiler.compile(old, quantize="int8", calibration=calib)
+    assert "opset upgraded from 11 to 13 for per-channel weights" in result.report.headline()
+    opsets = {o.domain: o.version for o in result.model.opset_import}
+    assert opsets[""] == 13
+    axes = [a.i for n in result.model.graph.node if n.op_type == "DequantizeLinear"
+            for a in n.attribute if a.name == "axis"]
+    assert axes  # per-channel weight scales
+    assert result.report.verification.ok
