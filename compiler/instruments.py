@@ -31,6 +31,7 @@ class DebugDump(Instrument):
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
         self.previous = ""
+        self.shared: dict = {}  # where 000_input.onnx.data holds each tensor
 
     def start(self, model: Model) -> None:
         self._prepare()
@@ -57,7 +58,11 @@ class DebugDump(Instrument):
             raise CompileError(f"cannot create debug dump folder '{folder}': {e.strerror or e}") from None
 
     def _snapshot(self, stem: str, model: Model, text: str) -> None:
-        ir.save(model, self.folder / f"{stem}.onnx", external=True, threshold=1 << 20)
+        # Weights a pass left untouched point into 000_input.onnx.data: written once.
+        written = ir.save(model, self.folder / f"{stem}.onnx", external=True, threshold=1 << 20,
+                          reuse=self.shared)
+        if stem == "000_input":
+            self.shared = written
         (self.folder / f"{stem}.txt").write_text(text)
 
     def after_pass(self, record: PassRecord, model: Model) -> None:

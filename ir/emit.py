@@ -37,11 +37,15 @@ def skeleton_proto(model: Model, threshold: int = EXTERNAL_THRESHOLD) -> onnx.Mo
 
 
 def save(model: Model, path: str | os.PathLike, *, external: bool | None = None,
-         threshold: int = EXTERNAL_THRESHOLD) -> None:
+         threshold: int = EXTERNAL_THRESHOLD, reuse: "Written | None" = None) -> "Written":
     """Write the model to `path`. With `external` (default: when the model already has
     external data or holds over 1 GiB of tensors, half of what one protobuf can carry),
     tensors of `threshold` bytes or more go to `<name>.data` beside it (not created when no
-    tensor qualifies). Each file is written to a temporary name, then renamed."""
+    tensor qualifies). Each file is written to a temporary name, then renamed.
+
+    Returns where each external tensor went. Passing that as `reuse` to a later save in the
+    same folder makes the tensors still in the model point into that earlier data file
+    instead of being copied again (debug dumps of a huge model write its weights once)."""
     path = Path(path)
     if path.is_dir():
         raise CompileError(f"cannot write '{path}': it is a folder")
@@ -49,13 +53,13 @@ def save(model: Model, path: str | os.PathLike, *, external: bool | None = None,
         external = has_external(model) or tensor_bytes(model) > PROTOBUF_LIMIT // 2
     if not external:
         _replace(path, _Emitter(None).model(model).SerializeToString())
-        return
+        return {}
     data_path = path.with_name(path.name + ".data")
     tmp_data = data_path.with_name(f".{data_path.name}.{os.getpid()}.tmp")
     tmp_model = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp_data, "wb") as f:
-            writer = _DataWriter(f, data_path, threshold)
+            writer = _DataWriter(f, data_path, threshold, reuse or {})
             blob = writer.check(_Emitter(writer).model(model).SerializeToString())
         tmp_model.write_bytes(blob)
         # Both files are complete before either is renamed: a failure leaves the old pair.
@@ -67,6 +71,11 @@ def save(model: Model, path: str | os.PathLike, *, external: bool | None = None,
             if tmp.exists():
                 tmp.unlink()
     writer.repoint()
+    return writer.placed
+
+
+# id(tensor) -> (tensor, file name, offset, length); the tensor is kept so its id stays its own
+Written = dict[int, tuple[Tensor, str, int, int]]
 
 
 def _replace(path: Path, blob: bytes) -> None:
@@ -107,8 +116,10 @@ class _Placeholders:
 class _DataWriter:
     """Appends tensors to the external data file and makes the protos that point at them."""
 
-    def __init__(self, file: BinaryIO, data_path: Path, threshold: int):
+    def __init__(self, file: BinaryIO, data_path: Path, threshold: int, reuse: "Written"):
         self.file = file
+        self.reuse = reuse
+        self.placed: Written = {}
         self.location = data_path.name
         self.real = os.path.realpath(data_path)
         self.threshold = threshold
@@ -130,6 +141,9 @@ class _DataWriter:
             self.inlined.append((tensor, proto))
 
     def write(self, tensor: Tensor, name: str) -> TensorProto:
+        known = self.reuse.get(id(tensor))
+        if known is not None and known[0] is tensor:  # already in an earlier file: point there
+            return self._reference(tensor, name, *known[1:])
         align = 4096 if tensor.nbytes >= 1 << 20 else 64  # page-aligned big tensors can be mapped
         pad = -self.offset % align
         self.file.write(b"\0" * pad)
@@ -142,13 +156,17 @@ class _DataWriter:
                                  f"expected {tensor.nbytes}")
         if isinstance(tensor, ExternalTensor):
             self.written.append((tensor, start))
+        self.placed[id(tensor)] = (tensor, self.location, start, self.offset - start)
+        return self._reference(tensor, name, self.location, start, self.offset - start)
+
+    @staticmethod
+    def _reference(tensor: Tensor, name: str, location: str, offset: int, length: int) -> TensorProto:
         proto = TensorProto(name=name, data_type=tensor.dtype, dims=tensor.shape,
                             data_location=TensorProto.EXTERNAL)
         template = tensor.source_proto
         if template is not None:
             proto.doc_string = template.doc_string
-        for key, value in (("location", self.location), ("offset", str(start)),
-                           ("length", str(self.offset - start))):
+        for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
             entry = proto.external_data.add()
             entry.key, entry.value = key, value
         return proto

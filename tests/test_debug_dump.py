@@ -204,11 +204,16 @@ def test_large_weights_go_beside_the_dumped_model(tmp_path):
     dump = tmp_path / "dump"
     path = save(large_model(), tmp_path / "big.onnx")
     compiler.compile(path, pipeline=cleanup(), debug_dump=dump)
+    # The weight the pass left alone is written once, in 000_input.onnx.data, and the later
+    # snapshot points there.
     assert files(dump) == {MARKER, "000_input.onnx", "000_input.onnx.data", "000_input.txt",
-                           "001_identity.onnx", "001_identity.onnx.data", "001_identity.txt",
+                           "001_identity.onnx", "001_identity.txt",
                            "001_identity.diff", "002_dead-code.unchanged", "summary.txt"}
     assert (dump / "001_identity.onnx").stat().st_size < 100_000
-    assert (dump / "001_identity.onnx.data").stat().st_size >= 600 * 600 * 4
+    assert (dump / "000_input.onnx.data").stat().st_size >= 600 * 600 * 4
+    w = next(t for t in onnx.load(str(dump / "001_identity.onnx"), load_external_data=False).graph.initializer
+             if t.name == "W")
+    assert {e.key: e.value for e in w.external_data}["location"] == "000_input.onnx.data"
     feeds = random_feeds(ir.load(path), count=1)
     expected = outputs_of(path, feeds)[0]["y"]
     for stem in ("000_input", "001_identity"):
@@ -365,3 +370,28 @@ def test_refuses_a_subfolder_named_like_a_dump_file(tmp_path):
     with pytest.raises(CompileError, match=r"holds files onnxcc did not write \(e.g. '001_identity.txt'\)"):
         compiler.compile(identity_model(), pipeline=cleanup(), debug_dump=dump)
     assert (dump / "001_identity.txt").is_dir()
+
+
+def test_a_weight_a_pass_rewrites_gets_its_own_data_file(tmp_path):
+    """BatchNorm folded into a Conv with a 2.3 MiB weight: the new weight goes to the fuse
+    snapshot's own data file, the untouched ones stay in 000_input.onnx.data."""
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array((rng.standard_normal((256, 256, 3, 3)) * 0.02).astype(np.float32), "W")
+    bn = [numpy_helper.from_array(rng.uniform(0.5, 1.5, 256).astype(np.float32), n) for n in ("s", "v")]
+    bn += [numpy_helper.from_array(rng.standard_normal(256).astype(np.float32), n) for n in ("b", "m")]
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "W"], ["c"], pads=[1, 1, 1, 1]),
+         helper.make_node("BatchNormalization", ["c", "s", "b", "m", "v"], ["y"])],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 256, 4, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 256, 4, 4])], [w] + bn)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    model.ir_version = 10
+    path = save(model, tmp_path / "m.onnx")
+    dump = tmp_path / "dump"
+    compiler.compile(path, debug_dump=dump)
+    fused = sorted(p.name for p in dump.glob("*_fuse.onnx.data"))
+    assert len(fused) == 1 and (dump / fused[0]).stat().st_size >= 256 * 256 * 9 * 4
+    feeds = random_feeds(ir.load(path), count=1)
+    expected = outputs_of(path, feeds)[0]["y"]
+    for snapshot in dump.glob("*.onnx"):
+        np.testing.assert_allclose(outputs_of(snapshot, feeds)[0]["y"], expected, rtol=1e-4, atol=1e-4)
