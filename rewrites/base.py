@@ -95,6 +95,7 @@ class Rewriter:
         self._names = {v.name for g in model.graphs() for v in _values(g)}
         self._node_names = {n.name for g in model.graphs() for n in g.nodes}
         self._output_ids: set[int] | None = None
+        self._next_suffix: dict[tuple[int, str], int] = {}
         self._function_bodies = {id(f.graph) for f in model.functions}
 
     def _record(self, kind: str, target: str, detail: str = "") -> None:
@@ -102,7 +103,21 @@ class Rewriter:
 
     def fresh_name(self, base: str) -> str:
         """A value name not used anywhere in the model: `base`, else `base_1`, `base_2`..."""
-        return _claim(base, self._names)
+        return self._claim(base, self._names)
+
+    def _claim(self, base: str, taken: set[str]) -> str:
+        """`base`, else `base_k` for the smallest free k. Names are only ever added while a
+        Rewriter lives, so the search resumes where it last stopped for this base: a
+        rule that adds thousands of nodes named alike stays linear."""
+        key = (id(taken), base)
+        k = self._next_suffix.get(key, 0)
+        name = base if k == 0 else f"{base}_{k}"
+        while name in taken:
+            k += 1
+            name = f"{base}_{k}"
+        self._next_suffix[key] = k
+        taken.add(name)
+        return name
 
     def add_node(self, graph: Graph, before: Node | None, op_type: str, inputs: Iterable[Value | None],
                  num_outputs: int = 1, *, domain: str = "", name: str = "",
@@ -111,7 +126,7 @@ class Rewriter:
         base = name or op_type
         outputs = [Value(self.fresh_name(f"{base}_out{i}" if num_outputs > 1 else f"{base}_out"))
                    for i in range(num_outputs)]
-        node = Node(op_type, inputs, outputs, domain=domain, name=_claim(base, self._node_names),
+        node = Node(op_type, inputs, outputs, domain=domain, name=self._claim(base, self._node_names),
                     attributes=attributes)
         if before is None:
             graph.append(node)
@@ -240,15 +255,6 @@ class Rewriter:
         """No output of the node is read by a node or is a graph output."""
         outputs = self.graph_output_ids()
         return all(v is None or (not v.uses and id(v) not in outputs) for v in node.outputs)
-
-
-def _claim(base: str, taken: set[str]) -> str:
-    name, k = base, 0
-    while name in taken:
-        k += 1
-        name = f"{base}_{k}"
-    taken.add(name)
-    return name
 
 
 def _name(v: Value | None) -> str:
