@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from onnx import parser
 
 import ir
 from rewrites import cleanup as c
@@ -15,16 +14,11 @@ from rewrites.cleanup import DeadCodeElimination, remove_identity, remove_noops
 from rewrites.cse import CommonSubexpressions
 from rewrites.patterns import const
 from tests.conformance import identical, run_ort
+from tests.textmodels import parse
 
 
 def model_text(opset: int, graph: str) -> str:
     return f'<ir_version: 10, opset_import: ["" : {opset}]>\n{graph}'
-
-
-def parse(text: str) -> ir.Model:
-    proto = parser.parse_model(text)
-    proto.ir_version = 10
-    return ir.load(proto)
 
 
 def producing(model: ir.Model, name: str) -> ir.Node:

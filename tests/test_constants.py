@@ -8,12 +8,7 @@ from onnx import parser
 import ir
 from rewrites.constants import LiftConstant, lift_constants
 from tests.conformance import run_ort
-
-
-def parse(text: str) -> ir.Model:
-    proto = parser.parse_model(text)
-    proto.ir_version = 10
-    return ir.load(proto)
+from tests.textmodels import parse
 
 
 MODEL = """<ir_version: 10, opset_import: ["" : 21]>

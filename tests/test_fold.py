@@ -19,12 +19,7 @@ import rewrites.fold
 from rewrites.fold import FoldConstants
 from rewrites.shapes import SKELETON_THRESHOLD, InferShapes, broadcast
 from tests.conformance import DATA_ROOT, matches, run_ort
-
-
-def parse(text: str) -> ir.Model:
-    proto = parser.parse_model(text)
-    proto.ir_version = 10
-    return ir.load(proto)
+from tests.textmodels import parse
 
 
 def optimize(model: ir.Model, **options) -> dict:

@@ -6,19 +6,13 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from onnx import parser
 
 import ir
 from rewrites.base import (FixedPoint, Match, Reject, RewriteLoopError, RewriteRule, Rewriter, RulePass,
                            apply_rules, ChangeLog)
 from rewrites.cleanup import DeadCodeElimination, RemoveIdentity, remove_identity
 from tests.conformance import run_ort
-
-
-def parse(text: str) -> ir.Model:
-    proto = parser.parse_model(text)
-    proto.ir_version = 10
-    return ir.load(proto)
+from tests.textmodels import parse
 
 
 IDENTITIES = """<ir_version: 10, opset_import: ["" : 21]>
