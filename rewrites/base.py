@@ -272,9 +272,10 @@ def _values(g: Graph) -> Iterator[Value]:
 
 
 class RewriteRule:
-    """Subclass with `op_type` (and `domain`), `match` and `rewrite`."""
+    """Subclass with `op_type` (one op type, or a tuple of the op types the root may have; and
+    `domain`), `match` and `rewrite`."""
 
-    op_type: ClassVar[str]
+    op_type: ClassVar[str | tuple[str, ...]]
     domain: ClassVar[str] = ""
     model: Model | None = None  # set by the driver before a sweep: rules may read opsets
 
@@ -325,7 +326,8 @@ def apply_rules(model: Model, rules: list[RewriteRule], log: ChangeLog) -> bool:
     by_op: dict[tuple[str, str], list[RewriteRule]] = {}
     for rule in rules:
         rule.model = model
-        by_op.setdefault((rule.domain, rule.op_type), []).append(rule)
+        for op_type in (rule.op_type,) if isinstance(rule.op_type, str) else rule.op_type:
+            by_op.setdefault((rule.domain, op_type), []).append(rule)
     rewriter = Rewriter(model, log)
     changed_any = False
     for sweep in range(MAX_SWEEPS):

@@ -16,40 +16,18 @@ from ir import Attr, Node, Value
 
 from .base import Match, Reject, RewriteRule, Rewriter
 from .fuse_affine import constant_nodes
-from .patterns import const, only_reader, producer
+from .patterns import is_scalar, other_operand, sole_producer
 
 SQRT2 = math.sqrt(2.0)
 TANH_SCALE = math.sqrt(2.0 / math.pi)
 TANH_CUBE = 0.044715
 
 
-def _is(v: Value | None, target: float) -> bool:
-    """A scalar constant equal to `target` up to its dtype's rounding (constants are often
-    printed with 7 digits)."""
-    c = const(v)
-    if c is None or c.size != 1 or c.dtype.kind != "f":
-        return False
-    rtol = 1e-5 if c.dtype.itemsize >= 4 else 4e-3
-    return abs(float(c.ravel()[0]) - target) <= rtol * abs(target)
-
-
-def _op(v: Value | None, op_type: str, reader: Node) -> Node | None:
-    """The `op_type` producing `v`, when `reader` is the only reader of `v`."""
-    node = producer(v, op_type)
-    return node if node is not None and only_reader(v, reader) else None
-
-
-def _with_const(node: Node, target: float) -> Value | None:
-    """For a binary node with a constant `target` operand, the other operand."""
-    a, b = node.inputs
-    return b if _is(a, target) else a if _is(b, target) else None
-
-
 def _factors(node: Node) -> tuple[list[Value], list[Node]]:
     """The operands of a product of Muls, one level deep, and the inner Muls."""
     factors, inner = [], []
     for v in node.inputs:
-        mul = _op(v, "Mul", node)
+        mul = sole_producer(v, "Mul", node)
         if mul is not None:
             factors += mul.inputs
             inner.append(mul)
@@ -60,24 +38,24 @@ def _factors(node: Node) -> tuple[list[Value], list[Node]]:
 
 def _erf_arg(arg: Value, erf: Node) -> tuple[Value, list[Node]] | None:
     """x and the nodes of x / sqrt(2) or x * (1 / sqrt(2))."""
-    div = _op(arg, "Div", erf)
-    if div is not None and _is(div.inputs[1], SQRT2):
+    div = sole_producer(arg, "Div", erf)
+    if div is not None and is_scalar(div.inputs[1], SQRT2):
         return div.inputs[0], [div]
-    mul = _op(arg, "Mul", erf)
-    x = _with_const(mul, 1 / SQRT2) if mul is not None else None
+    mul = sole_producer(arg, "Mul", erf)
+    x = other_operand(mul, 1 / SQRT2) if mul is not None else None
     return (x, [mul]) if x is not None else None
 
 
 def _tanh_arg(arg: Value, tanh: Node) -> tuple[Value, list[Node]] | None:
     """x and the nodes of sqrt(2/pi) * (x + 0.044715 * x^3), x^3 as Pow(x, 3) or x * x * x."""
-    scale = _op(arg, "Mul", tanh)
-    inner = _with_const(scale, TANH_SCALE) if scale is not None else None
-    add = _op(inner, "Add", scale) if inner is not None else None
+    scale = sole_producer(arg, "Mul", tanh)
+    inner = other_operand(scale, TANH_SCALE) if scale is not None else None
+    add = sole_producer(inner, "Add", scale) if inner is not None else None
     if add is None:
         return None
     for x, term in (add.inputs, add.inputs[::-1]):
-        mul = _op(term, "Mul", add)
-        cube = _with_const(mul, TANH_CUBE) if mul is not None else None
+        mul = sole_producer(term, "Mul", add)
+        cube = other_operand(mul, TANH_CUBE) if mul is not None else None
         nodes = _cube(cube, x, mul) if cube is not None else None
         if nodes is not None:
             return x, [scale, add, mul, *nodes]
@@ -86,14 +64,14 @@ def _tanh_arg(arg: Value, tanh: Node) -> tuple[Value, list[Node]] | None:
 
 def _cube(v: Value, x: Value, reader: Node) -> list[Node] | None:
     """The nodes computing v = x^3 (Pow(x, 3), x * (x * x) or (x * x) * x)."""
-    pow_ = _op(v, "Pow", reader)
+    pow_ = sole_producer(v, "Pow", reader)
     if pow_ is not None:
-        return [pow_] if pow_.inputs[0] is x and _is(pow_.inputs[1], 3.0) else None
-    mul = _op(v, "Mul", reader)
+        return [pow_] if pow_.inputs[0] is x and is_scalar(pow_.inputs[1], 3.0) else None
+    mul = sole_producer(v, "Mul", reader)
     if mul is None:
         return None
     for a, b in (mul.inputs, mul.inputs[::-1]):
-        square = _op(b, "Mul", mul)
+        square = sole_producer(b, "Mul", mul)
         if a is x and square is not None and square.inputs[0] is x and square.inputs[1] is x:
             return [mul, square]
     return None
@@ -109,15 +87,15 @@ class FuseGelu(RewriteRule):
         if len(factors) != 3:
             return Reject("not a product of three factors")
         for i, one_plus in enumerate(factors):
-            add = _op(one_plus, "Add", _reader_of(one_plus, node, muls))
-            t = _with_const(add, 1.0) if add is not None else None
-            act = _op(t, "Erf", add) or _op(t, "Tanh", add)
+            add = sole_producer(one_plus, "Add", _reader_of(one_plus, node, muls))
+            t = other_operand(add, 1.0) if add is not None else None
+            act = sole_producer(t, "Erf", add) or sole_producer(t, "Tanh", add)
             found = None if act is None else (_erf_arg if act.op_type == "Erf" else _tanh_arg)(act.inputs[0], act)
             if found is None:
                 continue
             x, arg_nodes = found
             a, b = factors[:i] + factors[i + 1:]
-            if not (a is x and _is(b, 0.5) or b is x and _is(a, 0.5)):
+            if not (a is x and is_scalar(b, 0.5) or b is x and is_scalar(a, 0.5)):
                 continue
             if self.opset < 20:
                 return Reject("Gelu needs opset 20")

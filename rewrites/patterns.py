@@ -81,6 +81,28 @@ def static_shape(v: Value | None) -> tuple[int, ...] | None:
     return tuple(v.shape)
 
 
+def is_scalar(v: Value | None, target: float) -> bool:
+    """A one-element float constant equal to `target` up to its dtype's rounding (exporters
+    often print constants with 7 digits)."""
+    c = const(v)
+    if c is None or c.size != 1 or c.dtype.kind != "f":
+        return False
+    rtol = 1e-5 if c.dtype.itemsize >= 4 else 4e-3
+    return abs(float(c.ravel()[0]) - target) <= rtol * abs(target)
+
+
+def sole_producer(v: Value | None, op_type: str, reader: Node) -> Node | None:
+    """The `op_type` node producing `v`, when `reader` is the only reader of `v`."""
+    node = producer(v, op_type)
+    return node if node is not None and only_reader(v, reader) else None
+
+
+def other_operand(node: Node, target: float) -> Value | None:
+    """For a binary node with a constant `target` operand, the other operand."""
+    a, b = node.inputs
+    return b if is_scalar(a, target) else a if is_scalar(b, target) else None
+
+
 def _graph_and_bodies(graph: Graph):
     yield graph
     for node in graph.nodes:

@@ -272,6 +272,8 @@ def _weighted_ok(node: Node, target: Target) -> bool:
     """A constant float weight of the expected rank, a constant bias of one value per output
     channel, and the plain form of the op (what the integer kernels compute)."""
     w_index, b_index = target.weighted[node.op_type]
+    if not target.fast_integer_depthwise and _depthwise(node):
+        return False
     x, w = node.inputs[0], node.inputs[w_index] if w_index < len(node.inputs) else None
     if x is None or not _float(x) or not is_const(w) or w.const.dtype != TensorProto.FLOAT:
         return False
@@ -290,6 +292,13 @@ def _weighted_ok(node: Node, target: Target) -> bool:
         return True
     channels = shape[_weight_axis(node)]
     return is_const(b) and b.const.dtype == TensorProto.FLOAT and tuple(b.const.shape) == (channels,)
+
+
+def _depthwise(node: Node) -> bool:
+    """A grouped Conv with one input channel per group (MobileNet-style)."""
+    group = attr(node, "group", 1)
+    w = node.inputs[1] if len(node.inputs) > 1 else None
+    return node.op_type == "Conv" and group > 1 and is_const(w) and w.const.shape[1] == 1
 
 
 def _simple_clip(node: Node) -> bool:

@@ -18,8 +18,8 @@ from onnx import helper, numpy_helper, parser
 
 import ir
 from rewrites.base import Reject
-from rewrites.fusions import (FuseBatchNorm, FuseConvAdd, FuseConvMul, FuseGelu, FuseLayerNorm,
-                              FuseMatMulAdd, fuse)
+from rewrites.fusions import (FuseBatchNorm, FuseConvAdd, FuseConvMul, FuseGelu, FuseHardSwish,
+                              FuseLayerNorm, FuseMatMulAdd, fuse)
 from tests.real_models import find_model_files, realistic_feeds
 
 ATOL, RTOL = 1e-5, 1e-4  # compiler/verify.py's Tolerance for exact pipelines
@@ -645,6 +645,98 @@ def test_gelu_rejects():
     assert reason(gelu(("z = Div(x, c)", "z = Div(h, c)"))) == not_gelu  # Erf of another value
 
 
+# -- HardSwish -------------------------------------------------------------------------------
+
+HARDSWISH = """<ir_version: 8, opset_import: ["" : OPSET]>
+g (float[2,8] x) => (float[2,8] y) {
+  three = Constant<value = float {3.0}>()
+  zero = Constant<value = float {0.0}>()
+  six = Constant<value = float {6.0}>()
+  a = Add(x, three)
+  c = Clip(a, zero, six)
+  m = Mul(x, c)
+  y = Div(m, six)
+}"""
+
+
+def hardswish(*swaps: tuple[str, str], opset: int = 14) -> ir.Model:
+    text = HARDSWISH.replace("OPSET", str(opset))
+    for old, new in swaps:
+        assert old in text, old
+        text = text.replace(old, new)
+    return parse(text)
+
+
+def test_hardswish_golden():
+    model = hardswish()
+    result = fuse().run(model)
+    ir.verify(model)
+    assert result.log.by_rule() == {"FuseHardSwish": 1}
+    assert result.log.by_kind()["remove-node"] == 7  # 4 ops, 3 Constants
+    assert ir.print_graph(model.graph) == (
+        'graph "g" (%x: float32[2,8]) {\n'
+        "  %y: float32[2,8] = HardSwish(%x)  # Div__1_hardswish\n"
+        "  return %y: float32[2,8]\n"
+        "}\n")
+
+
+def test_hardswish_below_opset_14_is_hardsigmoid_times_x():
+    model = hardswish(opset=13)
+    assert fuse().run(model).log.by_rule() == {"FuseHardSwish": 1}
+    assert ir.print_graph(model.graph) == (
+        'graph "g" (%x: float32[2,8]) {\n'
+        "  %Div__1_hardsigmoid_out: float32[2,8] = HardSigmoid(%x) {alpha=0.1666666716337204, beta=0.5}"
+        "  # Div__1_hardsigmoid\n"
+        "  %y: float32[2,8] = Mul(%x, %Div__1_hardsigmoid_out)  # Div__1_hardswish\n"
+        "  return %y: float32[2,8]\n"
+        "}\n")
+    assert not fuse().run(model).changed  # already the fused form at this opset
+
+
+HARDSWISH_VARIANTS = {
+    "paddle": [],
+    "times_sixth": [("y = Div(m, six)", "y = Mul(sixth, m)"),
+                    ("six = Constant", "sixth = Constant<value = float {0.16666667}>()\n  six = Constant")],
+    "sixth_inside": [("m = Mul(x, c)", "d = Div(c, six)"), ("y = Div(m, six)", "y = Mul(d, x)")],
+    "const_left": [("a = Add(x, three)", "a = Add(three, x)"), ("m = Mul(x, c)", "m = Mul(c, x)")],
+    "opset_10_clip": [("c = Clip(a, zero, six)", "c = Clip<min = 0.0, max = 6.0>(a)"), ("OPSET", "10")],
+    "hardsigmoid": [("a = Add(x, three)", "h = HardSigmoid<alpha = 0.16666667, beta = 0.5>(x)"),
+                    ("c = Clip(a, zero, six)", ""), ("m = Mul(x, c)", ""), ("y = Div(m, six)", "y = Mul(x, h)")],
+}
+
+
+@pytest.mark.parametrize("variant", HARDSWISH_VARIANTS)
+def test_hardswish_forms_keep_numbers(variant):
+    swaps = HARDSWISH_VARIANTS[variant]
+    opset = 10 if variant == "opset_10_clip" else 14
+    model = hardswish(*[s for s in swaps if s[0] != "OPSET"], opset=opset)
+    rng = np.random.default_rng(21)
+    feeds = [{"x": rng.normal(0, s, (2, 8)).astype(np.float32)} for s in (1.0, 3.0, 10.0)]
+    assert fuse_and_compare(model, feeds) == {"FuseHardSwish": 1}
+    fused = [op for op in ops(model) if op != "Constant"]  # the variants leave some unused
+    assert fused == (["HardSwish"] if opset >= 14 else ["HardSigmoid", "Mul"])
+
+
+def test_hardswish_rejects():
+    rule = FuseHardSwish()
+
+    def reason(model):
+        rule.model = model
+        return rule.match(model.graph.nodes[-1])
+
+    not_hs = Reject("not x * Clip(x + 3, 0, 6) / 6 or x * HardSigmoid(x)")
+    assert reason(hardswish(("y = Div(m, six)", "y = Div(m, three)"))) == not_hs  # / 3
+    assert reason(hardswish(("c = Clip(a, zero, six)", "c = Clip(a, zero, three)"))) == not_hs  # relu3
+    assert reason(hardswish(("m = Mul(x, c)", "m = Mul(a, c)"))) == not_hs  # (x + 3) * ...
+    assert reason(hardswish(("(float[2,8] y)", "(float[2,8] y, float[2,8] c)"))) == not_hs  # Clip read outside
+    model = hardswish(("y = Div(m, six)", "y = Mul(m, three)"))  # x * relu6(x + 3) * 3
+    assert not fuse().run(model).changed
+    low = hardswish(("a = Add(x, three)", "h = HardSigmoid<alpha = 0.16666667, beta = 0.5>(x)"),
+                    ("c = Clip(a, zero, six)", ""), ("m = Mul(x, c)", ""), ("y = Div(m, six)", "y = Mul(x, h)"),
+                    opset=13)
+    assert reason(low) == Reject("already HardSigmoid * x; HardSwish needs opset 14")
+
+
 # -- torch exports ---------------------------------------------------------------------------
 
 def torch_export(module, shape, opset: int) -> onnx.ModelProto:
@@ -718,7 +810,8 @@ def test_fuse_pass_is_named_and_settles():
     p = fuse()
     assert p.name == "fuse"
     assert [type(r).__name__ for r in p.rules] == ["FuseBatchNorm", "FuseConvAdd", "FuseConvMul",
-                                                  "FuseMatMulAdd", "FuseLayerNorm", "FuseGelu"]
+                                                  "FuseMatMulAdd", "FuseLayerNorm", "FuseGelu",
+                                                  "FuseHardSwish"]
     model = parse(CONV_BN)
     assert p.run(model).changed
     assert not fuse().run(model).changed
@@ -733,9 +826,11 @@ def test_fused_graph_output_keeps_its_name():
 
 OCR_MODELS = find_model_files("rapidocr_onnxruntime")
 OCR_FOLDS = {  # rewrites per rule on the shipped models, and nodes before -> after
-    "ch_PP-OCRv4_det_infer.onnx": ({"FuseBatchNorm": 3, "FuseConvMul": 28, "FuseConvAdd": 30}, 672, 482),
-    "ch_PP-OCRv4_rec_infer.onnx": ({"FuseBatchNorm": 6, "FuseConvMul": 28, "FuseConvAdd": 28}, 860, 656),
-    "ch_ppocr_mobile_v2.0_cls_infer.onnx": ({"FuseBatchNorm": 35}, 566, 356),
+    "ch_PP-OCRv4_det_infer.onnx": ({"FuseBatchNorm": 3, "FuseConvMul": 28, "FuseConvAdd": 30,
+                                    "FuseHardSwish": 24}, 672, 338),
+    "ch_PP-OCRv4_rec_infer.onnx": ({"FuseBatchNorm": 6, "FuseConvMul": 28, "FuseConvAdd": 28,
+                                    "FuseHardSwish": 28}, 860, 488),
+    "ch_ppocr_mobile_v2.0_cls_infer.onnx": ({"FuseBatchNorm": 35, "FuseHardSwish": 18}, 566, 248),
 }
 
 
