@@ -156,6 +156,25 @@ def test_plan_conv_with_graph_output_stays_float():
     assert p.nodes == [] and p.activations == []
 
 
+def test_plan_depthwise_conv_stays_float_on_ort_cpu():
+    """ORT's integer depthwise Conv is slower than its float one (qdq_targets.py): the
+    pointwise Convs around it are quantized, the depthwise one is not."""
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], name="pw1"),
+             helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+             helper.make_node("Conv", ["r1", "wd"], ["d"], name="dw", group=8, pads=[1, 1, 1, 1]),
+             helper.make_node("Conv", ["d", "w2"], ["c2"], name="pw2"),
+             helper.make_node("Relu", ["c2"], ["r2"], name="relu2"),
+             helper.make_node("GlobalAveragePool", ["r2"], ["y"], name="gap")]
+    proto = _model(nodes, [("w1", (8, 3, 1, 1), 0.3), ("wd", (8, 1, 3, 3), 0.3), ("w2", (4, 8, 1, 1), 0.3)],
+                   [1, 3, 8, 8], [1, 4, 1, 1])
+    p = plan(ir.load(proto))
+    assert p.weighted == ["pw1", "pw2"] and p.activations == ["x", "r1", "d", "r2"]
+    grouped = proto.graph.initializer[1]  # group 2 of 4 channels each: not depthwise
+    grouped.CopyFrom(numpy_helper.from_array(np.ones((8, 4, 3, 3), np.float32), "wd"))
+    proto.graph.node[2].attribute[0].i = 2
+    assert plan(ir.load(proto)).weighted == ["pw1", "dw", "pw2"]
+
+
 # ---- insertion ---------------------------------------------------------------------------------
 
 
