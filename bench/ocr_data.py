@@ -65,7 +65,8 @@ _MODEL_FILES = {"det": "ch_PP-OCRv4_det_infer.onnx", "rec": "ch_PP-OCRv4_rec_inf
 
 # ------------------------------------------------------------------ text and fonts
 def text_lines(split: str) -> tuple[str, ...]:
-    """The deterministic, de-duplicated text lines of one split (8-40 characters)."""
+    """The deterministic, de-duplicated text lines of one split (8-40 characters); no
+    line is in both splits."""
     _check_split(split)
     return _split_lines()[split]
 
@@ -323,9 +324,9 @@ def det_feed(image: np.ndarray) -> tuple[dict[str, np.ndarray], PageShape]:
 
 # ------------------------------------------------------------------ postprocessing
 def rec_charset(model: Any = None) -> list[str]:
-    """The CTC classes: blank, the model's 'character' metadata, then a space (appended
-    by rapidocr: the dict has none). Without a model (or metadata, e.g. a rewritten
-    model that lost it), the packaged float rec model's dict."""
+    """The CTC classes of a rec model (path or session): blank, the lines of its
+    'character' metadata, then a space (appended by rapidocr: the dict has none).
+    Without a model, or for one that lost its metadata, the packaged float model's."""
     meta = _metadata(model) if model is not None else {}
     if "character" not in meta:
         meta = _metadata(model_path("rec"))
@@ -372,8 +373,9 @@ def det_boxes(prob_map: np.ndarray, page: PageShape) -> list[Box]:
     return out
 
 
-def _components(mask: np.ndarray) -> list[Box]:
-    """Bounding boxes (inclusive) of the 8-connected regions of a boolean mask.
+def _components(mask: np.ndarray) -> list[tuple[int, int, int, int]]:
+    """Bounding boxes x0, y0, x1, y1 (all inclusive) of the 8-connected regions of a
+    boolean mask.
 
     Works on horizontal runs rather than pixels: text maps have few runs, so a
     union-find over runs in Python is fast."""
@@ -486,7 +488,13 @@ def session(model: Any):
 
 
 def _metadata(model: Any) -> dict[str, str]:
-    return dict(session(model).get_modelmeta().custom_metadata_map)
+    """metadata_props of a model file or session."""
+    if hasattr(model, "get_modelmeta"):
+        return dict(model.get_modelmeta().custom_metadata_map)
+    import onnx
+
+    proto = onnx.load(str(model), load_external_data=False)
+    return {p.key: p.value for p in proto.metadata_props}
 
 
 def evaluate(task: str, model: Any, samples: Sequence[tuple[np.ndarray, Any]]) -> float:

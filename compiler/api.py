@@ -19,7 +19,7 @@ from rewrites.qdq import InsertQDQ
 
 from .errors import CompileError
 from .feeds import as_feed, load_feeds, parse_input_shapes, random_feeds
-from .quantize import DEFAULT_MIN_COSINE, Calibrate, quantize_tolerance, upgrade_for_per_channel
+from .quantize import DEFAULT_MIN_COSINE, Calibrate, integer_kernels, quantize_tolerance, upgrade_for_per_channel
 from .instruments import DebugDump, VerifyEachPass
 from .pass_manager import PassManager, count_nodes, param_bytes
 from .pipeline import get_pipeline
@@ -124,12 +124,22 @@ def compile(model, *, pipeline: str | Sequence[Pass] = "default", pipeline_optio
     report.records = PassManager(passes, instruments).run(ir_model)
     report.nodes_after, report.param_bytes_after = count_nodes(ir_model), param_bytes(ir_model)
 
-    if verify:
+    if verify or quantize is not None:
         scratch = Path(tempfile.mkdtemp(prefix="onnxcc-verify-"))
+        # A quantized model is verified as it will run: with onnxruntime's QDQ fusions on,
+        # whose fused graph also tells how many integer kernels it got.
+        optimized = scratch / "optimized.onnx" if quantize is not None else None
         try:
-            outputs = run(runnable(ir_model, scratch), feeds, "compiled model")
+            model_file = runnable(ir_model, scratch)
+            if verify:
+                outputs = run(model_file, feeds, "compiled model", optimized=optimized)
+            else:
+                run(model_file, [], "compiled model", optimized=optimized)
+            if optimized is not None:
+                report.integer_kernels = integer_kernels(optimized)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
+    if verify:
         report.verification = compare(reference, outputs, tolerance)
         if not report.verification.ok:
             raise VerificationError(f"verification failed: {report.verification.worst()}")

@@ -4,7 +4,9 @@ in rewrites/), then let the QDQ pass insert what the calibration table says."""
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import onnx
@@ -46,6 +48,43 @@ def upgrade_for_per_channel(model: Model) -> tuple[Model, str | None]:
         raise CompileError(f"per-channel weights need opset {PER_CHANNEL_OPSET}; onnx's version converter "
                            f"cannot upgrade this model from opset {opset} ({first_line(e)}); {remedy}") from None
     return upgraded, f"opset upgraded from {opset} to {PER_CHANNEL_OPSET} for per-channel weights"
+
+
+# What onnxruntime makes of Conv/MatMul/Gemm: integer kernels, and the float forms they may
+# keep (its own float fusions rename them).
+INTEGER_KERNELS = frozenset({"QLinearConv", "QGemm", "QLinearMatMul", "MatMulIntegerToFloat", "MatMulInteger",
+                             "ConvInteger", "DynamicQuantizeMatMul", "MatMulNBits"})
+FLOAT_LINEAR = frozenset({"Conv", "MatMul", "Gemm", "FusedConv", "FusedMatMul", "FusedGemm", "ConvTranspose"})
+
+
+@dataclass(frozen=True)
+class IntegerKernels:
+    """How many of the compiled model's Conv/MatMul/Gemm (and ConvTranspose) onnxruntime runs
+    as integer kernels, read back from the graph it optimized."""
+
+    kernels: dict[str, int]  # integer kernel op -> count
+    float_ops: dict[str, int]  # linear ops left float -> count
+
+    @property
+    def integer(self) -> int:
+        return sum(self.kernels.values())
+
+    @property
+    def total(self) -> int:
+        return self.integer + sum(self.float_ops.values())
+
+    def __str__(self) -> str:
+        detail = ", ".join(f"{op} {n}" for op, n in sorted(self.kernels.items()))
+        return (f"{self.integer} of {self.total} Conv/MatMul/Gemm run as integer kernels in onnxruntime"
+                + (f" ({detail})" if detail else ""))
+
+
+def integer_kernels(optimized: Path) -> IntegerKernels:
+    """Count the kernels in the graph onnxruntime wrote to `optimized` (verify.session)."""
+    graph = onnx.load(str(optimized), load_external_data=False).graph
+    ops = Counter(n.op_type for n in graph.node)
+    return IntegerKernels({op: n for op, n in ops.items() if op in INTEGER_KERNELS},
+                          {op: n for op, n in ops.items() if op in FLOAT_LINEAR})
 
 
 def quantize_tolerance(min_cosine: float = DEFAULT_MIN_COSINE) -> Tolerance:

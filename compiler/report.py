@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from ir.printer import format_bytes
 
 from .pass_manager import PassRecord
+from .quantize import IntegerKernels
 from .verify import Verification
 
 
@@ -20,6 +21,7 @@ class CompileReport:
     param_bytes_before: int = 0
     param_bytes_after: int = 0
     notes: list[str] = field(default_factory=list)  # what the compiler did besides passes
+    integer_kernels: IntegerKernels | None = None  # when quantizing
 
     def rewrites_by_rule(self) -> dict[str, int]:
         total: dict[str, int] = {}
@@ -33,6 +35,8 @@ class CompileReport:
                 f"{format_bytes(self.param_bytes_before)} -> {format_bytes(self.param_bytes_after)} parameters")
         for note in self.notes:
             line += f"; {note}"
+        if self.integer_kernels is not None:
+            line += f"; {self.integer_kernels}"
         if self.verification is not None:
             v = self.verification
             line += f"; verified on {v.feeds} feed{'' if v.feeds == 1 else 's'}: {v.worst()}"

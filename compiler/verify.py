@@ -80,24 +80,32 @@ class Verification:
         return "; ".join(str(o) for o in shown)
 
 
-def session(model: bytes | str | Path):
-    """An onnxruntime CPU session with graph optimizations off (the reference setting)."""
+def session(model: bytes | str | Path, optimized: Path | None = None):
+    """An onnxruntime CPU session with graph optimizations off (the reference setting), or,
+    with `optimized`, with onnxruntime's fusions on (QDQ groups become integer kernels, as
+    they will when deployed) and the fused graph written to that path, weights beside it."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    if optimized is not None:
+        # EXTENDED, not ALL: the layout changes of ALL are machine-specific (REFERENCE.md)
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        opts.optimized_model_filepath = str(optimized)
+        opts.add_session_config_entry("session.optimized_model_external_initializers_file_name",
+                                      optimized.name + ".data")
     opts.log_severity_level = 4  # errors come back as exceptions; ORT need not print them too
     source = str(model) if isinstance(model, Path) else model
     return ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
 
 
 def run(model: bytes | str | Path, feeds: list[Feed], what: str,
-        error: type[CompileError] = VerificationError) -> list[dict[str, np.ndarray]]:
+        error: type[CompileError] = VerificationError, optimized: Path | None = None) -> list[dict[str, np.ndarray]]:
     """Outputs by name for each feed. onnxruntime failures become one-line errors of type
     `error`: a CompileError (exit 2) when the user's own model or feeds do not run, a
-    VerificationError (exit 1) when a model we produced does not."""
+    VerificationError (exit 1) when a model we produced does not. `optimized`: see session."""
     try:
-        sess = session(model)
+        sess = session(model, optimized)
     except Exception as e:  # noqa: BLE001 - ORT raises its own exception types
         raise error(f"onnxruntime cannot load the {what}: {first_line(e)}") from None
     names = [o.name for o in sess.get_outputs()]

@@ -41,6 +41,19 @@ def test_quantize_calibrates_inserts_qdq_and_verifies(calib):
     assert calibrate.log.by_kind() == {"calibrate": len(table)}
     assert result.report.verification.feeds == 2  # held out: 12 feeds // 5
     assert all(o.cosine >= 0.99 for o in result.report.verification.outputs)
+    # read back from the graph onnxruntime optimized: both Convs and the Gemm are integer
+    kernels = result.report.integer_kernels
+    assert (kernels.kernels, kernels.float_ops) == ({"QLinearConv": 2, "QGemm": 1}, {})
+    assert ("; 3 of 3 Conv/MatMul/Gemm run as integer kernels in onnxruntime (QGemm 1, QLinearConv 2); "
+            "verified on 2 feeds") in result.report.headline()
+
+
+def test_integer_kernels_are_counted_without_verification_and_float_ones_too(calib):
+    result = compiler.compile(str(TINY), quantize="int8", calibration=calib, verify=False, exclude=("Gemm",))
+    assert result.report.verification is None
+    kernels = result.report.integer_kernels
+    assert (kernels.integer, kernels.total, kernels.kernels) == (2, 3, {"QLinearConv": 2})
+    assert str(kernels).startswith("2 of 3 Conv/MatMul/Gemm run as integer kernels")
 
 
 def test_a_saved_table_reproduces_the_compile_without_data(calib, tmp_path):
