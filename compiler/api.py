@@ -64,7 +64,7 @@ def compile(model, *, pipeline: str | Sequence[Pass] = "default", pipeline_optio
             verify_data: str | os.PathLike | None = None, feeds: Sequence[dict] | None = None,
             input_shapes: dict[str, Sequence[int]] | Sequence[str] | None = None,
             tolerance: Tolerance = EXACT, quantize: str | None = None, calibration=None,
-            calibration_table=None, calibration_method: str = "minmax",
+            calibration_table=None, calibration_method: str = "mse",
             calibration_samples: int | None = None, exclude: Sequence[str] = (),
             min_cosine: float = DEFAULT_MIN_COSINE, per_channel: bool = True,
             progress=None) -> CompileResult:

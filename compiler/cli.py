@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--calib", type=Path, metavar="DIR",
                    help="calibration data: .npz files (keys are input names) or test_data_set_* folders; "
                         "a few are held out to verify the result")
-    q.add_argument("--calib-method", default="minmax", choices=["minmax", "percentile", "entropy", "mse"],
+    q.add_argument("--calib-method", default="mse", choices=["minmax", "percentile", "entropy", "mse"],
                    help="how ranges are chosen from the observed values (default: %(default)s)")
     q.add_argument("--calib-samples", type=int, metavar="N", help="use at most N calibration feeds")
     q.add_argument("--exclude", action="append", default=[], metavar="NAME_OR_OP",

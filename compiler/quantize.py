@@ -102,7 +102,7 @@ class Calibrate(Pass):
     name = "calibrate"
     insert: InsertQDQ | None = None
     feeds: Any = None
-    method: str = "minmax"
+    method: str = "mse"
     exclude: tuple[str, ...] = ()
     table: CalibrationTable | None = None
     progress: Callable[[int, int | None], None] | None = None
