@@ -180,6 +180,9 @@ def folder_source(folder: str | os.PathLike, model: Inputs, *, limit: int | None
         return npz_source(folder, model, limit=limit, what=what)
     if any(p.is_dir() for p in folder.glob("test_data_set_*")) or any(folder.glob("input_*.pb")):
         return test_data_source(folder, model, limit=limit, what=what)
+    if any(p.suffix.lower() in IMAGE_SUFFIXES for p in folder.iterdir()):
+        raise CompileError(f"{what} '{folder}' holds images: declare how they become inputs "
+                           "(--calib-preprocess FILE or the --image-* options)")
     raise CompileError(f"{what} '{folder}' holds no .npz files and no test_data_set_* folders")
 
 

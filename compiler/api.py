@@ -12,7 +12,7 @@ from typing import Sequence
 import onnx
 
 import ir
-from calibration import CalibrationTable, as_source, split
+from calibration import CalibrationTable, as_source, image_source, split
 from rewrites.base import Pass
 from rewrites.cleanup import DeadCodeElimination
 from rewrites.qdq import InsertQDQ
@@ -65,7 +65,8 @@ def compile(model, *, pipeline: str | Sequence[Pass] = "default", pipeline_optio
             input_shapes: dict[str, Sequence[int]] | Sequence[str] | None = None,
             tolerance: Tolerance = EXACT, quantize: str | None = None, calibration=None,
             calibration_table=None, calibration_method: str = "mse",
-            calibration_samples: int | None = None, exclude: Sequence[str] = (),
+            calibration_samples: int | None = None, calibration_preprocess=None,
+            exclude: Sequence[str] = (),
             min_cosine: float = DEFAULT_MIN_COSINE, per_channel: bool = True,
             progress=None) -> CompileResult:
     """Compile `model` (a path, bytes, `onnx.ModelProto` or `onnx_graphsurgeon.Graph`; the
@@ -79,7 +80,8 @@ def compile(model, *, pipeline: str | Sequence[Pass] = "default", pipeline_optio
 
     `quantize="int8"` appends calibration and QDQ insertion to the pipeline: ranges come from
     `calibration` (a folder, feed dicts or a calibration Source; `calibration_samples` caps
-    it) with `calibration_method`, or from `calibration_table` (a path or CalibrationTable);
+    it; a folder of images with `calibration_preprocess`, a JSON file, dict or
+    calibration.Preprocess) with `calibration_method`, or from `calibration_table` (a path or CalibrationTable);
     `exclude` names nodes or op types to keep in float; `per_channel=False` gives one weight
     scale per tensor (models below opset 13); the result must keep every output's
     cosine with the float model at `min_cosine` or more."""
@@ -97,6 +99,11 @@ def compile(model, *, pipeline: str | Sequence[Pass] = "default", pipeline_optio
 
     held_out, calibrate = None, None
     if quantize is not None:
+        if calibration_preprocess is not None:
+            if not isinstance(calibration, (str, os.PathLike)):
+                raise CompileError("calibration_preprocess needs calibration to be a folder of images")
+            calibration = image_source(calibration, calibration_preprocess, model=ir_model,
+                                       what="calibration data")
         calibrate, held_out = _quantize_stage(ir_model, quantize, calibration, calibration_table,
                                               calibration_method, calibration_samples, exclude,
                                               per_channel, progress)

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import ir
+from calibration import load_preprocess
 
 from .api import check_output_folder, compile as compile_model
 from .errors import CompileError
@@ -70,6 +71,17 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--calib", type=Path, metavar="DIR",
                    help="calibration data: .npz files (keys are input names) or test_data_set_* folders; "
                         "a few are held out to verify the result")
+    q.add_argument("--calib-preprocess", type=Path, metavar="FILE",
+                   help="--calib holds images: a JSON file saying how they become inputs (keys size, "
+                        "layout, channels, scale, mean, std, resize, fit; the --image-* options override it)")
+    q.add_argument("--image-size", type=_pair, metavar="H,W", help="resize calibration images to H x W")
+    q.add_argument("--image-layout", choices=["NCHW", "NHWC"], help="input layout (default NCHW)")
+    q.add_argument("--image-channels", choices=["RGB", "BGR", "GRAY"], help="channel order (default RGB)")
+    q.add_argument("--image-scale", type=float, metavar="F", help="pixel values are multiplied by F first")
+    q.add_argument("--image-mean", type=_floats, metavar="M[,M,M]", help="subtracted per channel after scaling")
+    q.add_argument("--image-std", type=_floats, metavar="S[,S,S]", help="divided per channel after the mean")
+    q.add_argument("--image-fit", choices=["stretch", "pad", "crop"],
+                   help="how the aspect ratio is handled when resizing (default stretch)")
     q.add_argument("--calib-method", default="mse", choices=["minmax", "percentile", "entropy", "mse"],
                    help="how ranges are chosen from the observed values (default: %(default)s)")
     q.add_argument("--calib-samples", type=int, metavar="N", help="use at most N calibration feeds")
@@ -140,11 +152,14 @@ def _compile(args) -> int:
     quantize = {}
     if args.quantize:
         quantize = dict(quantize=args.quantize, calibration=args.calib, calibration_table=args.calibration_table,
+                        calibration_preprocess=_image_preprocess(args),
                         calibration_method=args.calib_method, calibration_samples=args.calib_samples,
                         exclude=args.exclude, min_cosine=args.min_cosine,
                         per_channel=not args.per_tensor_weights, progress=_progress())
-    elif args.calib or args.calibration_table or args.save_calibration or args.exclude:
-        raise CompileError("--calib, --calibration-table, --save-calibration and --exclude need --quantize int8")
+    elif (args.calib or args.calibration_table or args.save_calibration or args.exclude or args.calib_preprocess
+          or any(getattr(args, flag) is not None for flag in IMAGE_OPTIONS)):
+        raise CompileError("--calib, --calib-preprocess, --image-*, --calibration-table, --save-calibration "
+                           "and --exclude need --quantize int8")
     result = compile_model(args.model, pipeline=args.pipeline, pipeline_options=options, **quantize,
                            verify=not args.no_verify,
                            verify_each_pass=args.verify_each_pass, debug_dump=args.debug_dump,
@@ -155,6 +170,35 @@ def _compile(args) -> int:
     print(result.report)
     print(f"wrote {args.output}")
     return 0
+
+
+IMAGE_OPTIONS = {"image_size": "size", "image_layout": "layout", "image_channels": "channels",
+                 "image_scale": "scale", "image_mean": "mean", "image_std": "std", "image_fit": "fit"}
+
+
+def _image_preprocess(args):
+    """The declared preprocessing of calibration images, or None when none was declared."""
+    options = {key: getattr(args, flag) for flag, key in IMAGE_OPTIONS.items() if getattr(args, flag) is not None}
+    if args.calib_preprocess is None and not options:
+        return None
+    if args.calib is None:
+        raise CompileError("--calib-preprocess and the --image-* options describe the images of --calib DIR")
+    return load_preprocess(args.calib_preprocess, **options)
+
+
+def _pair(text: str) -> list[int]:
+    try:
+        h, w = (int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected H,W in pixels, got '{text}'") from None
+    return [h, w]
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers separated by commas, got '{text}'") from None
 
 
 def _progress():

@@ -95,8 +95,54 @@ def test_cli_quantize_saves_the_table_and_dumps_the_ranges(calib, tmp_path, caps
 
 def test_cli_calibration_flags_need_quantize(calib, tmp_path, capsys):
     assert main(["compile", str(TINY), "-o", str(tmp_path / "o.onnx"), "--calib", str(calib)]) == 2
-    assert capsys.readouterr().err == ("onnxcc: error: --calib, --calibration-table, --save-calibration "
-                                       "and --exclude need --quantize int8\n")
+    assert capsys.readouterr().err == ("onnxcc: error: --calib, --calib-preprocess, --image-*, "
+                                       "--calibration-table, --save-calibration and --exclude need "
+                                       "--quantize int8\n")
+    assert main(["compile", str(TINY), "-o", str(tmp_path / "o.onnx"), "--image-scale", "0.5"]) == 2
+    assert "need --quantize int8" in capsys.readouterr().err
+
+
+@pytest.fixture
+def images(tmp_path) -> Path:
+    """Twelve 20x24 RGB images, which the CLI resizes to the fixture's 16x16 input."""
+    image_module = pytest.importorskip("PIL.Image", reason="pillow reads calibration images (pip install pillow)")
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(3)
+    for i in range(12):
+        pixels = rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)
+        image_module.fromarray(pixels).save(folder / f"{i:02d}.png")
+    return folder
+
+
+def test_cli_calibrates_on_images_with_declared_preprocessing(images, tmp_path, capsys):
+    config = tmp_path / "prep.json"
+    config.write_text('{"scale": 0.00392156862745098, "mean": [0.485, 0.456, 0.406], "std": 0.2}')
+    out = tmp_path / "int8.onnx"
+    assert main(["compile", str(TINY), "-o", str(out), "--quantize", "int8", "--calib", str(images),
+                 "--calib-preprocess", str(config), "--image-channels", "BGR", "--image-fit", "crop"]) == 0
+    assert "verified on 2 feeds" in capsys.readouterr().out and out.exists()
+    # the flags alone declare it too, and give the same model as the same preprocessing via API
+    again = tmp_path / "again.onnx"
+    assert main(["compile", str(TINY), "-o", str(again), "--quantize", "int8", "--calib", str(images),
+                 "--image-size", "16,16", "--image-scale", "0.00392156862745098",
+                 "--image-mean", "0.485,0.456,0.406", "--image-std", "0.2", "--image-channels", "BGR",
+                 "--image-fit", "crop"]) == 0
+    api = compiler.compile(str(TINY), quantize="int8", calibration=images,
+                           calibration_preprocess={"scale": 1 / 255, "mean": [0.485, 0.456, 0.406], "std": 0.2,
+                                                   "channels": "BGR", "fit": "crop"})
+    assert again.read_bytes() == out.read_bytes() == api.model.SerializeToString()
+
+
+def test_cli_images_without_preprocessing_are_refused(images, tmp_path, capsys):
+    assert main(["compile", str(TINY), "-o", str(tmp_path / "o.onnx"), "--quantize", "int8",
+                 "--calib", str(images)]) == 2
+    assert capsys.readouterr().err == (f"onnxcc: error: calibration data '{images}' holds images: declare how "
+                                       "they become inputs (--calib-preprocess FILE or the --image-* options)\n")
+    assert main(["compile", str(TINY), "-o", str(tmp_path / "o.onnx"), "--quantize", "int8",
+                 "--calib", str(images), "--image-size", "16x16"]) == 2
+    assert "argument --image-size: expected H,W in pixels, got '16x16'" in capsys.readouterr().err
+    assert not (tmp_path / "o.onnx").exists()
 
 
 def test_per_tensor_weights_give_one_scale_per_weight(calib):
