@@ -531,6 +531,7 @@ def calibration_feeds(task: str, n: int, seed: int = 0) -> list[dict[str, np.nda
 def main() -> None:
     sizes = {"det": 20, "rec": 200, "cls": 200}
     makers = {"det": det_samples, "rec": rec_samples, "cls": cls_samples}
+    start = time.perf_counter()
     for task in _TASKS:
         t0 = time.perf_counter()
         samples = makers[task]("test", sizes[task])
@@ -539,6 +540,7 @@ def main() -> None:
         t2 = time.perf_counter()
         print(f"{task}: {score:.4f} on {sizes[task]} test samples "
               f"(generate {t1 - t0:.1f}s, evaluate {t2 - t1:.1f}s)")
+    print(f"total {time.perf_counter() - start:.1f}s")
 
 
 if __name__ == "__main__":
