@@ -195,19 +195,32 @@ class HistogramObserver:
     def _grow(self, e_min: int | None, lo: float, hi: float) -> None:
         e = self._exponent_for(e_min, lo, hi)
         first = math.floor(math.ldexp(lo, -e))
-        self.counts = self._rebin(e, first)
-        self.exponent, self.lo = e, first
+        if (e, first) != (self.exponent, self.lo):  # most batches fit the grid they found
+            self.counts = self._rebin(e, first)
+            self.exponent, self.lo = e, first
         self.min, self.max = lo, hi
 
     def update(self, x) -> "HistogramObserver":
-        a, bad = _finite(x)
-        self.nonfinite += bad
-        if a.size == 0:
+        x = np.asarray(x)
+        if x.size == 0:
             return self
-        lo, hi = min(self.min, float(a.min())), max(self.max, float(a.max()))
+        x_lo, x_hi = float(x.min()), float(x.max())  # NaN or inf here when any value is
+        if math.isfinite(x_lo) and math.isfinite(x_hi):
+            a = x.astype(np.float64).ravel()  # a copy we may scale in place
+        else:
+            a, bad = _finite(x)
+            self.nonfinite += bad
+            if a.size == 0:
+                return self
+            a = a.copy() if a.base is not None or a is x else a
+            x_lo, x_hi = float(a.min()), float(a.max())
+        lo, hi = min(self.min, x_lo), max(self.max, x_hi)
         self._grow(self.exponent, lo, hi)
         # x * 2**-e is exact in float64, so each value lands in the bin it would on any grid.
-        idx = np.floor(np.ldexp(a, -self.exponent)).astype(np.int64) - self.lo
+        np.ldexp(a, -self.exponent, out=a)
+        np.floor(a, out=a)
+        idx = a.astype(np.int64)
+        idx -= self.lo
         self.counts += np.bincount(idx, minlength=self.bins)
         self.count += a.size
         return self

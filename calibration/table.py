@@ -5,7 +5,9 @@ the calibration data. The text is deterministic (sorted keys, float32 scales wri
 so save -> load -> save is byte-identical. Loading is plain JSON with strict validation: any
 bad field is a one-line CompileError naming the tensor and the key.
 
-    {"format": "onnxcc-calibration", "version": 1, "tensors": {NAME: {
+    {"format": "onnxcc-calibration", "version": 1,
+     "inputs": {NAME: [dims]},                  # optional: the input shapes placement was sized for
+     "tensors": {NAME: {
         "method": "entropy",
         "range": [lo, hi],                      # per channel: [[lo, ...], [hi, ...]]
         "quant": {"dtype": "uint8", "axis": null, "scale": 0.01, "zero_point": 0},
@@ -69,8 +71,12 @@ def _floats(a) -> list[float]:
 class CalibrationTable:
     """Tensor name -> TableEntry."""
 
-    def __init__(self, entries: dict[str, TableEntry] | None = None):
+    def __init__(self, entries: dict[str, TableEntry] | None = None,
+                 inputs: dict[str, tuple[int, ...]] | None = None):
         self.entries: dict[str, TableEntry] = dict(entries or {})
+        # The calibration feeds' input shapes: where tensor sizes decide the placement
+        # (Target.small_tensor), a compile from the saved table decides the same way.
+        self.inputs: dict[str, tuple[int, ...]] = dict(inputs or {})
 
     def __getitem__(self, name: str) -> TableEntry:
         return self.entries[name]
@@ -88,8 +94,11 @@ class CalibrationTable:
         return isinstance(other, CalibrationTable) and self.to_dict() == other.to_dict()
 
     def to_dict(self) -> dict:
-        return {"format": FORMAT, "version": VERSION,
-                "tensors": {name: e.to_dict() for name, e in self.entries.items()}}
+        d = {"format": FORMAT, "version": VERSION,
+             "tensors": {name: e.to_dict() for name, e in self.entries.items()}}
+        if self.inputs:
+            d["inputs"] = {name: [int(n) for n in dims] for name, dims in self.inputs.items()}
+        return d
 
     def dumps(self) -> str:
         return json.dumps(self.to_dict(), indent=1, sort_keys=True, allow_nan=False) + "\n"
@@ -169,14 +178,22 @@ class _Reader:
     def table(self, d) -> CalibrationTable:
         if not isinstance(d, dict):
             self.fail("expected a JSON object at the top level")
-        self.keys(d, ("format", "tensors", "version"), "")
+        self.keys({k: v for k, v in d.items() if k != "inputs"}, ("format", "tensors", "version"), "")
         if d["format"] != FORMAT:
             self.fail(f"'format' is {d['format']!r}, expected {FORMAT!r}")
         if d["version"] != VERSION or isinstance(d["version"], bool):
             self.fail(f"version {d['version']!r} is not supported (this onnxcc reads version {VERSION})")
         if not isinstance(d["tensors"], dict):
             self.fail("'tensors' must be an object")
-        return CalibrationTable({name: self.entry(name, e) for name, e in d["tensors"].items()})
+        return CalibrationTable({name: self.entry(name, e) for name, e in d["tensors"].items()},
+                                self.inputs(d.get("inputs", {})))
+
+    def inputs(self, d) -> dict[str, tuple[int, ...]]:
+        if not isinstance(d, dict) or not all(
+                isinstance(dims, list) and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0
+                                               for n in dims) for dims in d.values()):
+            self.fail("'inputs' must map input names to lists of non-negative integers")
+        return {name: tuple(dims) for name, dims in d.items()}
 
     def keys(self, d, expected: tuple, at: str) -> None:
         where = f"{at}: " if at else ""

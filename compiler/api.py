@@ -5,17 +5,20 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import onnx
 
 import ir
 from calibration import CalibrationTable, as_source, image_source, split
 from rewrites.base import Pass
 from rewrites.cleanup import DeadCodeElimination
+from rewrites.integer_forms import IntegerForms
 from rewrites.qdq import InsertQDQ
+from rewrites.qdq_targets import ORT_CPU
 
 from .errors import CompileError
 from .feeds import as_feed, load_feeds, parse_input_shapes, random_feeds
@@ -67,7 +70,7 @@ def compile(model, *, pipeline: str | Sequence[Pass] = "default", pipeline_optio
             calibration_table=None, calibration_method: str = "mse",
             calibration_samples: int | None = None, calibration_preprocess=None,
             exclude: Sequence[str] = (),
-            min_cosine: float = DEFAULT_MIN_COSINE, per_channel: bool = True,
+            min_cosine: float = DEFAULT_MIN_COSINE, per_channel: bool = True, integer_depthwise: bool = False,
             progress=None) -> CompileResult:
     """Compile `model` (a path, bytes, `onnx.ModelProto` or `onnx_graphsurgeon.Graph`; the
     caller's object is never modified) through `pipeline` (a name, with `pipeline_options`
@@ -81,10 +84,11 @@ def compile(model, *, pipeline: str | Sequence[Pass] = "default", pipeline_optio
     `quantize="int8"` appends calibration and QDQ insertion to the pipeline: ranges come from
     `calibration` (a folder, feed dicts or a calibration Source; `calibration_samples` caps
     it; a folder of images with `calibration_preprocess`, a JSON file, dict or
-    calibration.Preprocess) with `calibration_method`, or from `calibration_table` (a path or CalibrationTable);
-    `exclude` names nodes or op types to keep in float; `per_channel=False` gives one weight
-    scale per tensor (models below opset 13); the result must keep every output's
-    cosine with the float model at `min_cosine` or more."""
+    calibration.Preprocess) with `calibration_method`, or from `calibration_table` (a path or
+    CalibrationTable); `exclude` names nodes or op types to keep in float; `per_channel=False`
+    gives one weight scale per tensor (models below opset 13); `integer_depthwise=True`
+    quantizes depthwise Convs too (faster on big maps, less accurate: rewrites/qdq_targets.py);
+    the result must keep every output's cosine with the float model at `min_cosine` or more."""
     source = _as_source(model)
     ir_model = ir.load(source)
     notes = []
@@ -106,8 +110,9 @@ def compile(model, *, pipeline: str | Sequence[Pass] = "default", pipeline_optio
                                        what="calibration data")
         calibrate, held_out = _quantize_stage(ir_model, quantize, calibration, calibration_table,
                                               calibration_method, calibration_samples, exclude,
-                                              per_channel, progress)
-        passes += [calibrate, calibrate.insert, DeadCodeElimination()]
+                                              per_channel, integer_depthwise, progress)
+        passes += [IntegerForms(calibrate.insert.target, tuple(exclude), calibrate.input_shapes), calibrate,
+                   calibrate.insert, DeadCodeElimination()]
         tolerance = quantize_tolerance(min_cosine)
     shapes = parse_input_shapes(input_shapes) if _is_spec_list(input_shapes) else \
         {k: tuple(v) for k, v in (input_shapes or {}).items()}  # parsed even unused: bad flags fail
@@ -156,7 +161,8 @@ def compile(model, *, pipeline: str | Sequence[Pass] = "default", pipeline_optio
 HOLDOUT = 4  # calibration feeds kept apart to verify the quantized model on unseen data
 
 
-def _quantize_stage(model, mode, calibration, table, method, samples, exclude, per_channel, progress):
+def _quantize_stage(model, mode, calibration, table, method, samples, exclude, per_channel, integer_depthwise,
+                    progress):
     """The Calibrate and InsertQDQ passes, and the feeds held out for verification."""
     if mode != "int8":
         raise CompileError(f"quantization '{mode}' is not supported (choose from: int8)")
@@ -171,10 +177,21 @@ def _quantize_stage(model, mode, calibration, table, method, samples, exclude, p
             holdout = HOLDOUT if source.length is None else min(HOLDOUT, max(1, source.length // 5))
             calib, held_out = split(source, holdout=holdout)
         calib = calib.limit(samples) if samples is not None else calib
-    insert = InsertQDQ(exclude=tuple(exclude), per_channel=per_channel)
+    # Tensors are sized at the calibration inputs' shapes, or at those the table recorded.
+    shapes = table.inputs if table is not None else _first_shapes(calib)
+    target = replace(ORT_CPU, integer_depthwise=True) if integer_depthwise else ORT_CPU
+    insert = InsertQDQ(target=target, exclude=tuple(exclude), per_channel=per_channel, input_shapes=shapes or None)
     calibrate = Calibrate(insert=insert, feeds=calib, method=method, exclude=tuple(exclude), table=table,
-                          progress=progress)
+                          input_shapes=shapes or None, progress=progress)
     return calibrate, held_out
+
+
+def _first_shapes(source) -> dict[str, tuple[int, ...]]:
+    """The input shapes of the first calibration feed ({} without data)."""
+    if source is None:
+        return {}
+    first = next(iter(source), None)
+    return {name: tuple(np.shape(a)) for name, a in (first or {}).items()}
 
 
 def _as_source(model):

@@ -22,6 +22,7 @@ from ir.errors import first_line
 from rewrites.base import Change, ChangeLog, Pass, PassResult
 from rewrites.patterns import default_opset
 from rewrites.qdq import InsertQDQ, plan
+from rewrites.qdq_targets import ORT_CPU
 
 from .errors import CompileError
 from .verify import Tolerance
@@ -105,23 +106,25 @@ class Calibrate(Pass):
     method: str = "mse"
     exclude: tuple[str, ...] = ()
     table: CalibrationTable | None = None
+    input_shapes: dict | None = None  # tensors are sized at these (recorded in the table)
     progress: Callable[[int, int | None], None] | None = None
     feeds_used: int = field(default=0, init=False)
 
     def run(self, model: Model) -> PassResult:
         if self.method not in METHODS:
             raise CompileError(f"unknown calibration method '{self.method}' (choose from: {', '.join(METHODS)})")
-        wanted = plan(model, exclude=self.exclude).activations
+        if self.table is None and self.feeds is None:
+            raise CompileError("quantization needs calibration data (--calib DIR) or a calibration "
+                               "table (--calibration-table FILE)")
+        target = self.insert.target if self.insert is not None else ORT_CPU
+        wanted = plan(model, target, exclude=self.exclude, input_shapes=self.input_shapes).activations
         if self.table is None:
-            if self.feeds is None:
-                raise CompileError("quantization needs calibration data (--calib DIR) or a calibration "
-                                   "table (--calibration-table FILE)")
             observers = {name: MinMaxObserver() if self.method == "minmax" else HistogramObserver()
                          for name in wanted}
             self.feeds_used = collect(model, observers, self.feeds, progress=self.progress)
             if not self.feeds_used:
                 raise CompileError("calibration data holds no feeds")
-            self.table = CalibrationTable()
+            self.table = CalibrationTable(inputs=self.input_shapes)
             for name, obs in observers.items():
                 lo, hi = select_range(obs, self.method)
                 self.table[name] = entry_from_observer(obs, self.method, (lo, hi),

@@ -24,6 +24,7 @@ from ir import Attr, CompileError, Graph, Model, Node, Value
 from .base import ChangeLog, Pass, PassResult, Rewriter
 from .patterns import attr, const, default_opset, is_const
 from .qdq_targets import ORT_CPU, Target
+from .shapes import bound_shapes
 
 _ONNX_DTYPES = {"uint8": TensorProto.UINT8, "int8": TensorProto.INT8,
                 "uint16": TensorProto.UINT16, "int16": TensorProto.INT16}
@@ -38,6 +39,12 @@ class QuantPlan:
     weighted: list[str] = field(default_factory=list)  # Conv/MatMul/Gemm with int8 weights
     activations: list[str] = field(default_factory=list)
     shared: dict[str, str] = field(default_factory=dict)
+    # outputs of Mul/Div by a positive scalar of a quantized tensor -> (that tensor, factor):
+    # read through a DequantizeLinear whose scale carries the factor, the Mul/Div goes away
+    scaled: dict[str, tuple[str, float]] = field(default_factory=dict)
+    # small constant operands of integer ops, stored as uint8 behind DequantizeLinear:
+    # (node name, input index)
+    constants: list[tuple[str, int]] = field(default_factory=list)
 
     @property
     def quantized(self) -> list[str]:
@@ -45,18 +52,22 @@ class QuantPlan:
         return self.activations + list(self.shared)
 
 
-def plan(model: Model, target: Target = ORT_CPU, exclude=()) -> QuantPlan:
+def plan(model: Model, target: Target = ORT_CPU, exclude=(), input_shapes: dict | None = None) -> QuantPlan:
     """Pure analysis of the main graph (nothing is changed). `exclude`: node names or op types
-    that stay float."""
+    that stay float. `input_shapes` (input name -> dims, usually the calibration feeds') size
+    the tensors where the target's choice depends on size."""
+    shapes = bound_shapes(model, input_shapes) if input_shapes else None
     graph, excluded = model.graph, set(exclude)
     outputs = {id(v) for v in graph.outputs}
     calibrated: dict[int, Value] = {}  # id -> tensor that gets its own range
     shared: dict[int, Value] = {}  # id -> data-movement output sharing its input's params
+    scaled: dict[int, tuple[Value, Value, float]] = {}  # id -> (output, quantized input, factor)
+    constants: dict[tuple[int, int], tuple[Node, int]] = {}  # (node id, index) -> (node, index)
     quantized_nodes: dict[int, Node] = {}
     weighted: dict[int, Node] = {}
 
     def in_q(v):
-        return v is not None and (id(v) in calibrated or id(v) in shared)
+        return v is not None and (id(v) in calibrated or id(v) in shared or id(v) in scaled)
 
     def group_output(node):
         """The group's output: after a Relu/Clip that is the only reader (absorbed)."""
@@ -82,7 +93,7 @@ def plan(model: Model, target: Target = ORT_CPU, exclude=()) -> QuantPlan:
 
     changed = True
     while changed:  # a tensor may become quantized through a reader later in graph order
-        before = (len(calibrated), len(shared), len(quantized_nodes))
+        before = (len(calibrated), len(shared), len(scaled), len(quantized_nodes))
         for node in graph.nodes:
             if id(node) in quantized_nodes or not _default(node) or _excluded(node, excluded):
                 continue
@@ -97,10 +108,18 @@ def plan(model: Model, target: Target = ORT_CPU, exclude=()) -> QuantPlan:
                 if not out_is_graph_output:
                     mark_output(node)
                 quantized_nodes[id(node)] = weighted[id(node)] = node
+            elif op in ("Mul", "Div") and _rescaling(node, in_q, outputs) is not None:
+                x, factor = _rescaling(node, in_q, outputs)
+                scaled[id(node.outputs[0])] = (node.outputs[0], x, factor)
+                quantized_nodes[id(node)] = node  # it reads x's Q, so that Q must stay
             elif op in target.integer:
-                acts = [v for v in node.inputs if v is not None]
-                if acts and all(in_q(v) and _float(v) for v in acts) and mark_output(node):
+                operands = _integer_operands(node, in_q, target.is_small(node.outputs[0], shapes))
+                if operands is not None and mark_output(node):
                     quantized_nodes[id(node)] = node
+                    for v in operands["calibrate"]:
+                        calibrated[id(v)] = v
+                    for i in operands["constants"]:
+                        constants[id(node), i] = (node, i)
             elif op in target.data_movement and in_q(node.inputs[0]):
                 outs = [v for v in node.outputs if v is not None]
                 if any(id(v) in outputs for v in outs):
@@ -109,7 +128,7 @@ def plan(model: Model, target: Target = ORT_CPU, exclude=()) -> QuantPlan:
                     calibrated.pop(id(v), None)
                     shared[id(v)] = node.inputs[0]
                 quantized_nodes[id(node)] = node
-        changed = before != (len(calibrated), len(shared), len(quantized_nodes))
+        changed = before != (len(calibrated), len(shared), len(scaled), len(quantized_nodes))
 
     # A data-movement op that no quantized op reads from would run DQ -> op -> Q -> DQ -> float.
     pruned = True
@@ -128,6 +147,14 @@ def plan(model: Model, target: Target = ORT_CPU, exclude=()) -> QuantPlan:
             v = shared[id(v)]
         return v
 
+    def scaled_root(v):
+        """The tensor whose Q a rescaled output reads, and the product of the factors."""
+        factor = 1.0
+        while id(v) in scaled:
+            _, v, f = scaled[id(v)]
+            factor *= f
+        return v, factor
+
     order = _value_order(graph)
     by_order = lambda vs: sorted(vs, key=lambda v: order[id(v)])  # noqa: E731
     return QuantPlan(
@@ -135,6 +162,9 @@ def plan(model: Model, target: Target = ORT_CPU, exclude=()) -> QuantPlan:
         weighted=[n.name for n in graph.nodes if id(n) in weighted],
         activations=[v.name for v in by_order(calibrated.values())],
         shared={v.name: root(v).name for v in by_order(v for v in _all_values(graph) if id(v) in shared)},
+        scaled={v.name: (scaled_root(v)[0].name, scaled_root(v)[1])
+                for v in by_order(out for out, _, _ in scaled.values())},
+        constants=[(n.name, i) for n in graph.nodes for i in range(len(n.inputs)) if (id(n), i) in constants],
     )
 
 
@@ -150,6 +180,7 @@ class InsertQDQ(Pass):
     exclude: tuple = ()
     per_channel: bool = True
     activation_dtype: str = "uint8"
+    input_shapes: dict | None = None  # what plan() sizes tensors with
     name = "quantize"
     exact = False
 
@@ -165,7 +196,7 @@ class InsertQDQ(Pass):
         if self.activation_dtype in ("uint16", "int16") and opset < 21:
             raise CompileError(f"quantize: {self.activation_dtype} activations need opset >= 21, "
                                f"the model has opset {opset}")
-        p = plan(model, self.target, self.exclude)
+        p = plan(model, self.target, self.exclude, self.input_shapes)
         graph = model.graph
         values = {v.name: v for v in _all_values(graph)}
         params = {name: self._activation_params(name) for name in p.activations}
@@ -174,9 +205,19 @@ class InsertQDQ(Pass):
         nodes = {n.name: n for n in graph.nodes}
         for name in p.weighted:
             self._quantize_weights(rw, graph, nodes[name], params[nodes[name].inputs[0].name])
+        for node_name, index in p.constants:
+            node = nodes[node_name]
+            c = const(node.inputs[index])
+            cp = params_from_range(min(0.0, float(c.min())), max(0.0, float(c.max())), self.activation_dtype)
+            _replace_input(rw, graph, node, index,
+                           _dequantize(rw, graph, node, node.inputs[index].name, quantize(c, cp), cp))
         inits: dict[str, tuple[Value, Value]] = {}  # shared tensors reuse their root's scale/zp
+        q_outs: dict[str, Value] = {}
         for name in p.quantized:
-            inits[name] = _insert_pair(rw, graph, values[name], params[name], inits.get(p.shared.get(name)))
+            q_outs[name], inits[name] = _insert_pair(rw, graph, values[name], params[name],
+                                                     inits.get(p.shared.get(name)))
+        for name, (src, factor) in p.scaled.items():
+            _read_rescaled(rw, graph, values[name], q_outs[src], params[src], factor)
         return PassResult(bool(p.quantized or p.weighted), log)
 
     def _activation_params(self, name: str) -> QuantParams:
@@ -221,10 +262,11 @@ class _Int32Params:
 
 def _insert_pair(rw: Rewriter, graph: Graph, v: Value, p: QuantParams, inits=None):
     """v -> Q -> DQ; every reader in this graph reads the DQ. Graph outputs keep `v` itself.
-    Returns the (scale, zero point) initializers, or `inits` when given (a shared scale)."""
+    Returns the Q's output and the (scale, zero point) initializers (`inits` when given: a
+    shared scale)."""
     readers = [(n, i) for n, i in v.uses if n.graph is graph]
     if not readers:
-        return inits
+        return None, inits
     first = min((n for n, _ in readers), key=graph.nodes.index)
     if inits is None:
         inits = (rw.add_initializer(graph, f"{v.name}_scale", np.asarray(p.scale, np.float32)),
@@ -237,7 +279,22 @@ def _insert_pair(rw: Rewriter, graph: Graph, v: Value, p: QuantParams, inits=Non
     rw.set_type(dq.outputs[0], TensorProto.FLOAT, v.shape)
     for n, i in readers:
         rw.set_input(n, i, dq.outputs[0])
-    return inits
+    return q.outputs[0], inits
+
+
+def _read_rescaled(rw: Rewriter, graph: Graph, v: Value, q: Value, p: QuantParams, factor: float) -> None:
+    """The readers of v = x * factor read x's quantized data through a DequantizeLinear whose
+    scale is x's times the factor; the Mul/Div producing v is left unread for dead-code."""
+    readers = [(n, i) for n, i in v.uses if n.graph is graph]
+    if not readers or q is None:
+        return
+    first = min((n for n, _ in readers), key=graph.nodes.index)
+    scale = rw.add_initializer(graph, f"{v.name}_scale", np.asarray(np.float64(p.scale) * factor, np.float32))
+    zp = rw.add_initializer(graph, f"{v.name}_zero_point", np.asarray(p.zero_point))
+    dq = rw.add_node(graph, first, "DequantizeLinear", [q, scale, zp], name=f"{v.name}_DequantizeLinear")
+    rw.set_type(dq.outputs[0], TensorProto.FLOAT, v.shape)
+    for n, i in readers:
+        rw.set_input(n, i, dq.outputs[0])
 
 
 def _dequantize(rw: Rewriter, graph: Graph, node: Node, base: str, q: np.ndarray, p) -> Value:
@@ -272,7 +329,7 @@ def _weighted_ok(node: Node, target: Target) -> bool:
     """A constant float weight of the expected rank, a constant bias of one value per output
     channel, and the plain form of the op (what the integer kernels compute)."""
     w_index, b_index = target.weighted[node.op_type]
-    if not target.fast_integer_depthwise and _depthwise(node):
+    if _depthwise(node) and not target.integer_depthwise:
         return False
     x, w = node.inputs[0], node.inputs[w_index] if w_index < len(node.inputs) else None
     if x is None or not _float(x) or not is_const(w) or w.const.dtype != TensorProto.FLOAT:
@@ -292,6 +349,53 @@ def _weighted_ok(node: Node, target: Target) -> bool:
         return True
     channels = shape[_weight_axis(node)]
     return is_const(b) and b.const.dtype == TensorProto.FLOAT and tuple(b.const.shape) == (channels,)
+
+
+SMALL_CONSTANT = 4096  # elements: per-channel scales and biases, not masks or tables
+
+
+def _rescaling(node: Node, in_q, outputs: set[int]) -> tuple[Value, float] | None:
+    """(x, factor) when `node` is Mul(x, c) or Div(x, c) with x quantized and c a positive
+    finite float scalar, so its output is x's quantized data read with scale * factor."""
+    if len(node.inputs) != 2 or id(node.outputs[0]) in outputs or not _float(node.outputs[0]):
+        return None
+    pairs = [node.inputs] if node.op_type == "Div" else [node.inputs, node.inputs[::-1]]
+    for x, c in pairs:
+        value = const(c)
+        if in_q(x) and _float(x) and value is not None and value.size == 1 and value.dtype.kind == "f":
+            factor = float(value.ravel()[0])
+            if node.op_type == "Div":
+                factor = 1.0 / factor if factor else 0.0
+            if np.isfinite(factor) and factor > 0:
+                return x, factor
+    return None
+
+
+def _integer_operands(node: Node, in_q, small: bool) -> dict | None:
+    """How the inputs of an integer-kernel op get quantized, or None when it stays float.
+    Binary elementwise ops (Add, Mul) need one quantized input; a small constant operand is
+    stored quantized, a float activation gets its own range (onnxruntime's kernels take two
+    quantized inputs of any scales) — unless the output is `small`. Other ops need every
+    input quantized."""
+    inputs = [v for v in node.inputs if v is not None]
+    if not inputs or not all(_float(v) for v in inputs):
+        return None
+    if node.op_type not in ("Add", "Mul") or len(inputs) != 2:
+        return {"calibrate": [], "constants": []} if all(in_q(v) for v in inputs) else None
+    if not any(in_q(v) for v in inputs) or (small and not all(in_q(v) for v in inputs)):
+        return None
+    calibrate, constants = [], []
+    for i, v in enumerate(node.inputs):
+        if in_q(v):
+            continue
+        value = const(v)
+        if value is None:
+            calibrate.append(v)
+        elif value.size <= SMALL_CONSTANT and value.dtype == np.float32 and np.isfinite(value).all():
+            constants.append(i)
+        else:
+            return None
+    return {"calibrate": calibrate, "constants": constants}
 
 
 def _depthwise(node: Node) -> bool:

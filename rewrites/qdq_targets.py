@@ -7,6 +7,7 @@ another table, not another code path. Facts for onnxruntime's CPU EP: ../shared/
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 
@@ -26,11 +27,24 @@ class Target:
     # Dropped by the runtime when the following Q's range already implies them: the group's
     # output is taken after them, so their output is the one calibrated.
     absorbed: frozenset[str]
-    # False when the runtime's integer depthwise Conv (group == input channels > 1) is slower
-    # than its float one: such a Conv stays float.
-    fast_integer_depthwise: bool = True
+    # Below this many elements (static shapes only), per-op overhead makes these integer
+    # kernels lose to float: Add/Mul that would need a constant or a float operand quantized
+    # for them (and HardSwish written as such). 0: always integer.
+    small_tensor: int = 0
+    # Depthwise Conv (group == input channels > 1) as an integer kernel; False keeps it float.
+    integer_depthwise: bool = True
     activation_dtype: str = "uint8"
     weight_dtype: str = "int8"
+
+    def is_small(self, v, shapes: dict | None = None) -> bool:
+        """Fewer elements than small_tensor: an ir.Value's shape in `shapes` (bound to the
+        calibration inputs), else its own when static but for a symbolic batch dimension
+        (counted as 1); other symbolic sizes may be large."""
+        shape = (shapes or {}).get(v.name, v.shape)
+        if not shape or not all(isinstance(d, int) for d in shape[1:]):
+            return False
+        batch = shape[0] if isinstance(shape[0], int) else 1
+        return batch * math.prod(shape[1:]) < self.small_tensor
 
 
 ORT_CPU = Target(
@@ -45,7 +59,13 @@ ORT_CPU = Target(
     data_movement=frozenset({"MaxPool", "Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze",
                              "Split", "Slice", "Resize", "Gather", "Expand", "Tile"}),
     absorbed=frozenset({"Relu", "Clip"}),
-    # Measured on onnxruntime 1.32, one thread, AVX-512 VNNI: a QDQ depthwise 3x3 Conv takes
-    # 1.1-2.9x the float one's time (5x5: up to 4.2x); pointwise and dense convs take 0.5-0.6x.
-    fast_integer_depthwise=False,
+    # Measured on onnxruntime 1.32, one thread, AVX-512 VNNI. Between integer ops a float op
+    # costs a DequantizeLinear, a QuantizeLinear and layout Transposes, so elementwise ops pay
+    # as integer kernels on big maps; on the direction classifier's (18k-38k values) they do
+    # not (1.4x float when quantized, 0.94x when not).
+    small_tensor=40000,
+    # A QDQ depthwise 3x3 Conv takes 1.1-2.9x the float time on small maps (5x5: up to 4.2x);
+    # on big ones it pays (PP-OCR det and rec at 0.40x float instead of about 0.5x), but its
+    # int8 weights cost the recognizer 0.6-2.2 points of character accuracy (float ones: 0.0).
+    integer_depthwise=False,
 )

@@ -72,10 +72,21 @@ class InferShapes(Pass):
 # -- onnx's inference -------------------------------------------------------------------
 
 
-def onnx_types(model: Model) -> dict[str, tuple[int | None, tuple | None]]:
-    """Name -> (dtype, shape) of every tensor value onnx's inference typed; {} if it raised."""
+def onnx_types(model: Model, input_shapes: dict[str, tuple[int, ...]] | None = None
+               ) -> dict[str, tuple[int | None, tuple | None]]:
+    """Name -> (dtype, shape) of every tensor value onnx's inference typed; {} if it raised.
+    `input_shapes` binds graph inputs to concrete shapes first (the model is not changed)."""
     try:
         light = ir.skeleton_proto(model, threshold=SKELETON_THRESHOLD)
+        if input_shapes:  # types declared for symbolic inputs would conflict with the bound ones
+            del light.graph.value_info[:]
+            for vi in light.graph.output:
+                vi.type.tensor_type.ClearField("shape")
+        for vi in light.graph.input:
+            if vi.name in (input_shapes or {}):
+                vi.type.tensor_type.shape.Clear()
+                for n in input_shapes[vi.name]:
+                    vi.type.tensor_type.shape.dim.add().dim_value = int(n)
         proto = onnx.shape_inference.infer_shapes(light, check_type=False, strict_mode=False,
                                                   data_prop=True)
     except Exception:  # noqa: BLE001 - inference is a help, never a reason to fail
@@ -295,3 +306,9 @@ def _broadcast_dim(dims: list):
         return fixed.pop() if len(fixed) == 1 else None
     # Only symbols and unknowns: the same symbol everywhere, or we cannot tell.
     return rest[0] if all(d == rest[0] for d in rest) and rest[0] is not None else None
+
+
+def bound_shapes(model: Model, input_shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+    """Name -> fully known shape of the main graph's tensors when the inputs have these shapes."""
+    return {name: shape for name, (_, shape) in onnx_types(model, input_shapes).items()
+            if shape is not None and all(isinstance(d, int) for d in shape)}

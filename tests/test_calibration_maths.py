@@ -354,6 +354,15 @@ def test_table_round_trip_is_byte_identical(tmp_path):
     # Deterministic: insertion order does not matter.
     reordered = CalibrationTable(dict(reversed(list(table.entries.items()))))
     assert reordered.dumps().encode() == text
+    assert "inputs" not in json.loads(text) and loaded.inputs == {}
+
+
+def test_table_keeps_the_input_shapes_placement_was_sized_for():
+    table = CalibrationTable(make_table().entries, inputs={"x": (1, 3, 48, 192)})
+    text = table.dumps()
+    assert json.loads(text)["inputs"] == {"x": [1, 3, 48, 192]}
+    assert CalibrationTable.loads(text).inputs == {"x": (1, 3, 48, 192)}
+    assert CalibrationTable.loads(text).dumps() == text
 
 
 def bad(mutate):
@@ -395,6 +404,8 @@ BAD_TABLES = [
     (bad(lambda d: entry(d)["observed"].update(count=-1)),
      "calibration table t.json: tensor 'relu_0': 'observed.count' must be a non-negative integer, got -1"),
     ('{"tensors": {"a": {"range": [NaN, 1]}}}', "calibration table t.json: NaN is not allowed"),
+    (bad(lambda d: d.update(inputs={"x": [1, "N"]})),
+     "calibration table t.json: 'inputs' must map input names to lists of non-negative integers"),
 ]
 
 

@@ -8,8 +8,11 @@ back from its optimized graph), graph outputs left float, exclusions, and the er
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import onnx
+import onnx.parser
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
@@ -18,7 +21,11 @@ import ir
 from calibration.scales import params_from_range
 from calibration.table import CalibrationTable, TableEntry
 from ir import CompileError
+from rewrites.base import Match, Reject
+from rewrites.cleanup import DeadCodeElimination
+from rewrites.integer_forms import HardSwishAsIntegerOps, IntegerForms
 from rewrites.qdq import InsertQDQ, plan
+from rewrites.qdq_targets import ORT_CPU
 
 INTEGER_KERNELS = {"QLinearConv", "QGemm", "QLinearMatMul", "MatMulInteger", "MatMulIntegerToFloat"}
 
@@ -156,23 +163,86 @@ def test_plan_conv_with_graph_output_stays_float():
     assert p.nodes == [] and p.activations == []
 
 
-def test_plan_depthwise_conv_stays_float_on_ort_cpu():
-    """ORT's integer depthwise Conv is slower than its float one (qdq_targets.py): the
-    pointwise Convs around it are quantized, the depthwise one is not."""
+def depthwise_model() -> onnx.ModelProto:
     nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], name="pw1"),
              helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
              helper.make_node("Conv", ["r1", "wd"], ["d"], name="dw", group=8, pads=[1, 1, 1, 1]),
              helper.make_node("Conv", ["d", "w2"], ["c2"], name="pw2"),
              helper.make_node("Relu", ["c2"], ["r2"], name="relu2"),
              helper.make_node("GlobalAveragePool", ["r2"], ["y"], name="gap")]
-    proto = _model(nodes, [("w1", (8, 3, 1, 1), 0.3), ("wd", (8, 1, 3, 3), 0.3), ("w2", (4, 8, 1, 1), 0.3)],
-                   [1, 3, 8, 8], [1, 4, 1, 1])
-    p = plan(ir.load(proto))
+    return _model(nodes, [("w1", (8, 3, 1, 1), 0.3), ("wd", (8, 1, 3, 3), 0.3), ("w2", (4, 8, 1, 1), 0.3)],
+                  ["N", 3, "H", "W"], ["N", 4, 1, 1])
+
+
+def test_plan_depthwise_conv_stays_float_on_ort_cpu_unless_asked():
+    """Int8 depthwise weights cost accuracy, and on small maps speed too (qdq_targets.py)."""
+    model = ir.load(depthwise_model())
+    p = plan(model)
     assert p.weighted == ["pw1", "pw2"] and p.activations == ["x", "r1", "d", "r2"]
-    grouped = proto.graph.initializer[1]  # group 2 of 4 channels each: not depthwise
-    grouped.CopyFrom(numpy_helper.from_array(np.ones((8, 4, 3, 3), np.float32), "wd"))
-    proto.graph.node[2].attribute[0].i = 2
-    assert plan(ir.load(proto)).weighted == ["pw1", "dw", "pw2"]
+    assert plan(model, replace(ORT_CPU, integer_depthwise=True)).weighted == ["pw1", "dw", "pw2"]
+
+
+def test_tensor_sizes_come_from_the_calibration_inputs():
+    target, d = ORT_CPU, ir.load(depthwise_model()).graph.nodes[2].outputs[0]
+    assert not target.is_small(d)  # [N, 8, H, W]: unknown sizes may be large
+    assert target.is_small(d, {"d": ("N", 8, 8, 8)}) and not target.is_small(d, {"d": ("N", 8, "H", 8)})
+    assert not target.is_small(d, {"d": (128, 8, 8, 8)})  # the whole tensor counts, batch included
+
+
+def gated_model() -> onnx.ModelProto:
+    """Conv -> x * HardSigmoid(gate) * 0.5 + 0.25 -> Conv: the constant operands, a float
+    activation operand and a positive scalar Mul of an integer op's neighbourhood."""
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("GlobalAveragePool", ["c1"], ["g"], name="gap"),
+             helper.make_node("HardSigmoid", ["g"], ["gate"], name="hsig"),
+             helper.make_node("Mul", ["c1", "gate"], ["m"], name="mul_gate"),
+             helper.make_node("Mul", ["m", "half"], ["h"], name="mul_half"),
+             helper.make_node("Add", ["h", "quarter"], ["a"], name="add_quarter"),
+             helper.make_node("Conv", ["a", "w2"], ["c2"], name="conv2", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c2"], ["r2"], name="relu2"),
+             helper.make_node("GlobalAveragePool", ["r2"], ["y"], name="gap2")]
+    proto = _model(nodes, [("w1", (8, 3, 3, 3), 0.3), ("w2", (4, 8, 3, 3), 0.2)], [1, 3, 16, 16], [1, 4, 1, 1])
+    proto.graph.initializer.extend([numpy_helper.from_array(np.array(0.5, np.float32), "half"),
+                                    numpy_helper.from_array(np.array(0.25, np.float32), "quarter")])
+    return proto
+
+
+def test_plan_integer_ops_take_constants_float_operands_and_rescaling():
+    p = plan(ir.load(gated_model()))
+    # the gate (a float op's output) gets its own range so the Mul runs as QLinearMul; the
+    # Mul by 0.5 is a rescaled DequantizeLinear; the 0.25 is stored as uint8
+    assert p.nodes == ["conv1", "gap", "mul_gate", "mul_half", "add_quarter", "conv2", "relu2"]
+    assert p.activations == ["x", "c1", "g", "gate", "m", "a", "r2"]
+    assert p.scaled == {"h": ("m", 0.5)} and p.constants == [("add_quarter", 1)]
+    # on small maps the Mul and Add with a float or constant operand stay float
+    small = plan(ir.load(gated_model()), input_shapes={"x": (1, 3, 16, 16)})
+    assert "add_quarter" not in small.nodes and "mul_gate" not in small.nodes and small.constants == []
+
+
+def test_rescaled_and_constant_operands_run_as_integer_kernels(tmp_path):
+    proto = gated_model()
+    model, _, _ = quantize(proto)
+    DeadCodeElimination().run(model)
+    assert "mul_half" not in {n.name for n in model.graph.nodes}  # its factor went into a DQ scale
+    inits = model.graph.initializers
+    np.testing.assert_allclose(inits["h_scale"].tensor.numpy(), inits["m_scale"].tensor.numpy() * 0.5, rtol=1e-6)
+    assert inits["quarter_quantized"].tensor.numpy().dtype == np.uint8
+    out = ir.to_proto(model)
+    ops = optimized_ops(out, tmp_path)
+    assert ops.count("QLinearMul") == 1 and ops.count("QLinearAdd") == 1 and ops.count("QLinearConv") == 2
+    assert not {"Mul", "Add"} & set(ops)
+    for f in feeds(proto, 4, seed=7):
+        assert cosine(session(out).run(None, f)[0], session(proto).run(None, f)[0]) > 0.99
+
+
+def test_big_or_nonpositive_constants_do_not_rescale():
+    proto = gated_model()
+    proto.graph.initializer[-2].CopyFrom(numpy_helper.from_array(np.array(-0.5, np.float32), "half"))
+    p = plan(ir.load(proto))
+    assert p.scaled == {} and "mul_half" in p.nodes  # a QLinearMul with a uint8 constant instead
+    assert ("mul_half", 1) in p.constants
+    proto.graph.initializer[-1].CopyFrom(numpy_helper.from_array(np.zeros(5000, np.float32), "quarter"))
+    assert "add_quarter" not in plan(ir.load(proto)).nodes  # 5000 values: not a small constant
 
 
 # ---- insertion ---------------------------------------------------------------------------------
@@ -313,3 +383,76 @@ def test_residual_add_runs_as_qlinear_add(tmp_path):
     assert ops.count("QLinearAdd") == 1 and ops.count("QLinearConv") == 2 and "Relu" not in ops
     f = feeds(proto, 1, seed=7)[0]
     assert cosine(session(out).run(None, f)[0], session(proto).run(None, f)[0]) > 0.99
+
+
+# ---- integer forms: HardSwish as ops with integer kernels ---------------------------------------
+
+
+HARDSWISH_CNN = """<ir_version: 8, opset_import: ["" : 14]>
+g (float[1,3,16,16] x) => (float[1,4,1,1] y) {
+  c1 = Conv<pads = [1, 1, 1, 1]>(x, w1)
+  h = HardSwish(c1)
+  c2 = Conv<pads = [1, 1, 1, 1]>(h, w2)
+  r2 = Relu(c2)
+  y = GlobalAveragePool(r2)
+}"""
+
+
+def hardswish_cnn() -> onnx.ModelProto:
+    proto = onnx.parser.parse_model(HARDSWISH_CNN)
+    rng = np.random.default_rng(3)
+    proto.graph.initializer.extend([
+        numpy_helper.from_array(rng.normal(0, 0.5, (8, 3, 3, 3)).astype(np.float32), "w1"),
+        numpy_helper.from_array(rng.normal(0, 0.2, (4, 8, 3, 3)).astype(np.float32), "w2")])
+    return proto
+
+
+def test_integer_forms_golden_and_numbers():
+    proto = hardswish_cnn()
+    model = ir.load(proto)
+    result = IntegerForms().run(model)
+    assert result.log.by_rule() == {"HardSwishAsIntegerOps": 1}
+    lines = [line.strip() for line in ir.print_graph(model.graph).splitlines() if "init " not in line]
+    assert lines[2:7] == [
+        "%HardSwish__1_add3_out: ? = Add(%c1, %HardSwish__1_three)  # HardSwish__1_add3",
+        "%HardSwish__1_relu6_out: ? = Clip(%HardSwish__1_add3_out, %HardSwish__1_zero, %HardSwish__1_six)"
+        "  # HardSwish__1_relu6",
+        "%HardSwish__1_sixth_out: ? = Mul(%HardSwish__1_relu6_out, %HardSwish__1_sixth)  # HardSwish__1_sixth",
+        "%HardSwish__1_hardswish_out: ? = Mul(%c1, %HardSwish__1_sixth_out)  # HardSwish__1_hardswish",
+        "%c2: ? = Conv(%HardSwish__1_hardswish_out, %w2) {pads=[1, 1, 1, 1]}  # Conv__2"]
+    for f in feeds(proto, 3, seed=9):  # the same function, in float
+        want, got = session(proto).run(None, f)[0], session(ir.to_proto(model)).run(None, f)[0]
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_hardswish_runs_as_qlinear_add_and_mul(tmp_path):
+    proto = hardswish_cnn()
+    model = ir.load(proto)
+    IntegerForms().run(model)
+    lowered = ir.to_proto(model)
+    p = plan(model)
+    assert p.scaled == {"HardSwish__1_sixth_out": ("HardSwish__1_relu6_out", pytest.approx(1 / 6))}
+    assert p.constants == [("HardSwish__1_add3", 1)]
+    assert "HardSwish__1_relu6_out" in p.activations  # after the Clip: its range is [0, 6]
+    table = minmax_table(lowered, p.activations, feeds(lowered))
+    InsertQDQ(table).run(model)
+    DeadCodeElimination().run(model)
+    out = ir.to_proto(model)
+    ops = optimized_ops(out, tmp_path)
+    assert ops.count("QLinearAdd") == 1 and ops.count("QLinearMul") == 1 and ops.count("QLinearConv") == 2
+    assert not {"HardSwish", "HardSigmoid", "Clip", "Mul", "Add"} & set(ops)
+    for f in feeds(proto, 4, seed=7):
+        assert cosine(session(out).run(None, f)[0], session(proto).run(None, f)[0]) > 0.99
+
+
+def test_integer_forms_leave_small_excluded_and_other_hardsigmoids():
+    model = ir.load(hardswish_cnn())
+    assert not IntegerForms(input_shapes={"x": (1, 3, 16, 16)}).run(model).changed  # 2048 values: small
+    assert not IntegerForms(exclude=("HardSwish",)).run(model).changed
+    rule = HardSwishAsIntegerOps()
+    rule.model = model
+    assert rule.match(model.graph.nodes[1]) == Match([model.graph.nodes[1]], {"x": model.graph.nodes[0].outputs[0]})
+    hs = ir.load(onnx.parser.parse_model("""<ir_version: 8, opset_import: ["" : 14]>
+g (float[1,L] x) => (float[1,L] y) { s = HardSigmoid<alpha = 0.2, beta = 0.5>(x)  y = Mul(x, s) }"""))
+    rule.model = hs
+    assert rule.match(hs.graph.nodes[1]) == Reject("not HardSwish(x) or x * HardSigmoid(x, 1/6, 0.5)")

@@ -180,3 +180,16 @@ def test_models_below_opset_13_are_upgraded_for_per_channel_weights(calib):
             for a in n.attribute if a.name == "axis"]
     assert axes  # per-channel weight scales
     assert result.report.verification.ok
+
+
+def test_integer_depthwise_option_quantizes_depthwise_convs():
+    from tests.test_qdq import depthwise_model
+
+    rng = np.random.default_rng(5)
+    feeds = [{"x": rng.standard_normal((1, 3, 16, 16)).astype(np.float32)} for _ in range(10)]
+    default = compiler.compile(depthwise_model(), quantize="int8", calibration=feeds)
+    both = compiler.compile(depthwise_model(), quantize="int8", calibration=feeds, integer_depthwise=True)
+    weights = lambda result: sorted(t.name for t in result.model.graph.initializer if t.name.startswith("w"))  # noqa: E731
+    assert weights(default) == ["w1_quantized", "w1_scale", "w1_zero_point", "w2_quantized", "w2_scale",
+                                "w2_zero_point", "wd"]  # the depthwise weight stays float
+    assert "wd_quantized" in weights(both) and "wd" not in weights(both)
