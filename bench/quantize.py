@@ -15,8 +15,8 @@ Settings compared: onnxcc with each calibration method (mse is its default), and
 `quantize_static` crash on feeds of different shapes (rec lines, det pages), so they are also
 given the feeds padded to one shape, as a user would have to, and only 16 of them, since
 they keep every activation in memory (each run is a separate process, killed above --cap GB). Latency: onnxruntime CPU EP, one
-thread, every model run in turn on the same input, median of --runs rounds, as a ratio to
-the float model.
+thread, every model run in turn on the same input, median of --runs rounds (more for fast
+models: about 2 s of the float model), as a ratio to the float model.
 """
 
 from __future__ import annotations
@@ -172,13 +172,17 @@ def session(path: Path):
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
-def latencies(paths: list[Path], feed: dict, runs: int) -> list[float]:
-    """Median milliseconds per model, the models run in turn so drifts hit all alike."""
+def latencies(paths: list[Path], feed: dict, runs: int, seconds: float = 2.0) -> list[float]:
+    """Median milliseconds per model, the models run in turn so drifts hit all alike; at least
+    `runs` rounds, more for fast models (about `seconds` of the first model's time)."""
     sessions = [session(p) for p in paths]
     for s in sessions:  # warm up
         s.run(None, feed)
+    start = time.perf_counter()
+    sessions[0].run(None, feed)
+    rounds = max(runs, min(2000, int(seconds / max(time.perf_counter() - start, 1e-6))))
     times = [[] for _ in sessions]
-    for _ in range(runs):
+    for _ in range(rounds):
         for s, t in zip(sessions, times):
             start = time.perf_counter()
             s.run(None, feed)
