@@ -15,8 +15,9 @@ Settings compared: onnxcc with each calibration method (mse is its default), and
 `quantize_static` crash on feeds of different shapes (rec lines, det pages), so they are also
 given the feeds padded to one shape, as a user would have to, and only 16 of them, since
 they keep every activation in memory (each run is a separate process, killed above --cap GB). Latency: onnxruntime CPU EP, one
-thread, every model run in turn on the same input, median of --runs rounds (more for fast
-models: about 2 s of the float model), as a ratio to the float model.
+thread, every model run in turn on the same input (the order rotating each round), median
+of --runs rounds (more for fast models: about 2 s of the float model), as a ratio to the
+float model.
 """
 
 from __future__ import annotations
@@ -173,8 +174,9 @@ def session(path: Path):
 
 
 def latencies(paths: list[Path], feed: dict, runs: int, seconds: float = 2.0) -> list[float]:
-    """Median milliseconds per model, the models run in turn so drifts hit all alike; at least
-    `runs` rounds, more for fast models (about `seconds` of the first model's time)."""
+    """Median milliseconds per model, the models run in turn (a rotating order) so drifts hit
+    all alike; at least `runs` rounds, more for fast models (about `seconds` of the first
+    model's time)."""
     sessions = [session(p) for p in paths]
     for s in sessions:  # warm up
         s.run(None, feed)
@@ -182,11 +184,13 @@ def latencies(paths: list[Path], feed: dict, runs: int, seconds: float = 2.0) ->
     sessions[0].run(None, feed)
     rounds = max(runs, min(2000, int(seconds / max(time.perf_counter() - start, 1e-6))))
     times = [[] for _ in sessions]
-    for _ in range(rounds):
-        for s, t in zip(sessions, times):
+    order = list(range(len(sessions)))
+    for r in range(rounds):
+        # Rotated each round: a model run right after a bigger one finds the caches cold.
+        for k in order[r % len(order):] + order[:r % len(order)]:
             start = time.perf_counter()
-            s.run(None, feed)
-            t.append(time.perf_counter() - start)
+            sessions[k].run(None, feed)
+            times[k].append(time.perf_counter() - start)
     return [float(np.median(t)) * 1e3 for t in times]
 
 
