@@ -108,8 +108,8 @@ def plan(model: Model, target: Target = ORT_CPU, exclude=(), input_shapes: dict 
                 if not out_is_graph_output:
                     mark_output(node)
                 quantized_nodes[id(node)] = weighted[id(node)] = node
-            elif op in ("Mul", "Div") and _rescaling(node, in_q, outputs) is not None:
-                x, factor = _rescaling(node, in_q, outputs)
+            elif op in ("Mul", "Div") and (rescale := _rescaling(node, in_q, outputs)) is not None:
+                x, factor = rescale
                 scaled[id(node.outputs[0])] = (node.outputs[0], x, factor)
                 quantized_nodes[id(node)] = node  # it reads x's Q, so that Q must stay
             elif op in target.integer:
