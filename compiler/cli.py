@@ -92,8 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--calibration-table", type=Path, metavar="FILE",
                    help="reuse a calibration table instead of calibrating (no data needed)")
     q.add_argument("--integer-depthwise", action="store_true",
-                   help="quantize depthwise Convs too: faster on big maps, but int8 depthwise weights "
-                        "cost accuracy (off: they stay float)")
+                   help="quantize depthwise Convs too: faster on big maps, but less accurate "
+                        "(off: they stay float)")
     q.add_argument("--per-tensor-weights", action="store_true",
                    help="one scale per weight tensor instead of per output channel (needed below opset 13)")
     q.add_argument("--min-cosine", type=float, default=0.99, metavar="C",

@@ -65,7 +65,8 @@ ORT_CPU = Target(
     # not (1.4x float when quantized, 0.94x when not).
     small_tensor=40000,
     # A QDQ depthwise 3x3 Conv takes 1.1-2.9x the float time on small maps (5x5: up to 4.2x);
-    # on big ones it pays (PP-OCR det and rec at 0.40x float instead of about 0.5x), but its
-    # int8 weights cost the recognizer 0.6-2.2 points of character accuracy (float ones: 0.0).
+    # on big ones it pays (PP-OCR det and rec at 0.40x float instead of about 0.5x), but
+    # quantizing it (its weights round within 1%: the loss is in the quantized path around it)
+    # costs the recognizer 0.6-2.2 points of character accuracy (float: 0.0).
     integer_depthwise=False,
 )
