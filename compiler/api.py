@@ -177,8 +177,9 @@ def _quantize_stage(model, mode, calibration, table, method, samples, exclude, p
             holdout = HOLDOUT if source.length is None else min(HOLDOUT, max(1, source.length // 5))
             calib, held_out = split(source, holdout=holdout)
         calib = calib.limit(samples) if samples is not None else calib
-    # Tensors are sized at the calibration inputs' shapes, or at those the table recorded.
-    shapes = table.inputs if table is not None else _first_shapes(calib)
+    # Tensors are sized at the calibration inputs' shapes, or at those the table recorded. The
+    # held-out feeds are read for it: they can be read again, a one-shot iterator cannot.
+    shapes = table.inputs if table is not None else _first_shapes(held_out)
     target = replace(ORT_CPU, integer_depthwise=True) if integer_depthwise else ORT_CPU
     insert = InsertQDQ(target=target, exclude=tuple(exclude), per_channel=per_channel, input_shapes=shapes or None)
     calibrate = Calibrate(insert=insert, feeds=calib, method=method, exclude=tuple(exclude), table=table,
@@ -187,7 +188,7 @@ def _quantize_stage(model, mode, calibration, table, method, samples, exclude, p
 
 
 def _first_shapes(source) -> dict[str, tuple[int, ...]]:
-    """The input shapes of the first calibration feed ({} without data)."""
+    """The input shapes of the source's first feed ({} without data)."""
     if source is None:
         return {}
     first = next(iter(source), None)

@@ -65,6 +65,16 @@ def test_a_saved_table_reproduces_the_compile_without_data(calib, tmp_path):
     assert CalibrationTable.load(path).dumps() == first.calibration_table.dumps()
 
 
+def test_a_one_shot_iterator_calibrates_and_sizes_the_placement():
+    """A generator is read once: the input shapes that size the placement come from the
+    held-out feeds, not from a second pass over it."""
+    rng = np.random.default_rng(0)
+    feeds = ({"x": rng.standard_normal((1, 3, 16, 16)).astype(np.float32)} for _ in range(12))
+    result = compiler.compile(str(TINY), quantize="int8", calibration=feeds)
+    assert result.calibration_table.inputs == {"x": (1, 3, 16, 16)}
+    assert result.report.verification.feeds == 4  # one-shot: the full HOLDOUT, length unknown
+
+
 def test_quantizing_without_data_or_table_is_refused():
     with pytest.raises(compiler.CompileError, match=r"^quantization needs calibration data \(--calib DIR\) "
                                                      r"or a calibration table \(--calibration-table FILE\)$"):
