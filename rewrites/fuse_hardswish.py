@@ -71,6 +71,17 @@ def _product(node: Node, divided_inside: bool) -> tuple[Value, list[Node]] | Non
     return None
 
 
+def hardsigmoid_times_x(node: Node) -> tuple[Value, list[Node]] | None:
+    """x and [node, the HardSigmoid] when the Mul `node` computes x * HardSigmoid(x, 1/6, 0.5),
+    which is HardSwish(x)."""
+    for x, other in (node.inputs, node.inputs[::-1]):
+        hs = sole_producer(other, "HardSigmoid", node)
+        if (hs is not None and hs.inputs[0] is x and abs(attr(hs, "alpha", 0.2) - SIXTH) < 1e-6
+                and attr(hs, "beta", 0.5) == 0.5):
+            return x, [node, hs]
+    return None
+
+
 class FuseHardSwish(RewriteRule):
     """x * Clip(x + 3, 0, 6) / 6 -> HardSwish(x) (opset 14; HardSigmoid(x) * x below), and
     x * HardSigmoid(x, 1/6, 0.5) -> HardSwish(x) from opset 14."""
@@ -80,7 +91,7 @@ class FuseHardSwish(RewriteRule):
     def match(self, node: Node) -> Match | Reject:
         found = self._written_out(node)
         if found is None and node.op_type == "Mul":
-            found = self._hardsigmoid_form(node)
+            found = hardsigmoid_times_x(node)
         if found is None:
             return Reject(NOT_HARDSWISH)
         x, nodes = found
@@ -104,14 +115,6 @@ class FuseHardSwish(RewriteRule):
         inner = _product(mul, divided_inside=False) if mul is not None else None
         return (inner[0], [node, mul, *inner[1]]) if inner is not None else None
 
-    def _hardsigmoid_form(self, node: Node) -> tuple[Value, list[Node]] | None:
-        for x, other in (node.inputs, node.inputs[::-1]):
-            hs = sole_producer(other, "HardSigmoid", node)
-            if (hs is not None and hs.inputs[0] is x and abs(attr(hs, "alpha", 0.2) - SIXTH) < 1e-6
-                    and attr(hs, "beta", 0.5) == 0.5):
-                return x, [node, hs]
-        return None
-
     def rewrite(self, match: Match, rewriter: Rewriter) -> None:
         root, x = match.nodes[0], match["x"]
         out = root.outputs[0]
@@ -126,4 +129,4 @@ class FuseHardSwish(RewriteRule):
         rewriter.replace_uses(out, fused.outputs[0])
 
 
-__all__ = ["FuseHardSwish"]
+__all__ = ["FuseHardSwish", "hardsigmoid_times_x"]

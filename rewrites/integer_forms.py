@@ -21,8 +21,7 @@ from onnx import AttributeProto as A
 from ir import Attr, Model, Node, Value
 
 from .base import ChangeLog, Match, Pass, PassResult, Reject, RewriteRule, Rewriter, apply_rules
-from .fuse_hardswish import SIXTH
-from .patterns import attr, sole_producer
+from .fuse_hardswish import SIXTH, hardsigmoid_times_x
 from .qdq_targets import ORT_CPU, Target
 from .shapes import bound_shapes
 
@@ -44,12 +43,11 @@ class HardSwishAsIntegerOps(RewriteRule):
             return Reject("small tensor: the integer ops would not pay (Target.small_tensor)")
         if node.op_type == "HardSwish":
             return Match([node], {"x": node.inputs[0]})
-        for x, other in (node.inputs, node.inputs[::-1]):
-            hs = sole_producer(other, "HardSigmoid", node)
-            if (hs is not None and hs.inputs[0] is x and abs(attr(hs, "alpha", 0.2) - SIXTH) < 1e-6
-                    and attr(hs, "beta", 0.5) == 0.5):
-                return Match([node, hs], {"x": x})
-        return Reject("not HardSwish(x) or x * HardSigmoid(x, 1/6, 0.5)")
+        found = hardsigmoid_times_x(node)
+        if found is None:
+            return Reject("not HardSwish(x) or x * HardSigmoid(x, 1/6, 0.5)")
+        x, nodes = found
+        return Match(nodes, {"x": x})
 
     def rewrite(self, match: Match, rewriter: Rewriter) -> None:
         root, x = match.nodes[0], match["x"]
