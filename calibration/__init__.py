@@ -16,3 +16,7 @@ __all__ = [
     "select_range", "weight_params",
     "CalibrationTable", "TableEntry", "entry_from_observer",
 ]
+
+from .gram import FeatureLayout, FeatureStatsObserver, InputStats  # noqa: E402 - pruning's statistics
+
+__all__ += ["FeatureLayout", "FeatureStatsObserver", "InputStats"]

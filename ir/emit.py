@@ -226,6 +226,7 @@ class _Emitter:
         for v in g.initializers.values():
             if isinstance(v.tensor, SparseTensor):
                 p.sparse_initializer.append(v.tensor.proto)
+                p.sparse_initializer[-1].values.name = v.name  # the value may have been renamed
             else:
                 p.initializer.append(self.tensor(v.tensor, v.name))
         p.node.extend(self.node(n) for n in g.nodes)

@@ -289,6 +289,11 @@ class SparseTensor(Tensor):
     def source_proto(self) -> None:
         return None  # no dense TensorProto: the sparse one is emitted as a sparse initializer
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes stored: values and indices, not the dense size."""
+        return self._values.nbytes + self._indices.nbytes
+
     def numpy(self) -> np.ndarray:
         dense = np.zeros(self.numel, dtype=np_dtype(self.dtype))
         values = self._values.numpy().ravel()

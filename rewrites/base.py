@@ -231,6 +231,12 @@ class Rewriter:
         value.dtype, value.shape = dtype, None if shape is None else tuple(shape)
         self._record("set-type", f"%{value.name}")
 
+    def set_tensor(self, value: Value, tensor, detail: str = "") -> None:
+        """Give a constant other storage (e.g. sparse) holding the same value: its name,
+        readers and declared type stay."""
+        value.tensor = tensor
+        self._record("set-tensor", f"%{value.name}", detail)
+
     def add_initializer(self, graph: Graph, base_name: str, array: np.ndarray) -> Value:
         """A new constant in `graph`: an initializer, or in a function body (a FunctionProto
         holds no initializers) a Constant node at the start of the body."""
