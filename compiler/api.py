@@ -19,6 +19,7 @@ from rewrites.cleanup import DeadCodeElimination
 from rewrites.integer_forms import IntegerForms
 from rewrites.qdq import InsertQDQ
 from rewrites.qdq_targets import ORT_CPU
+from rewrites.sparse_storage import StoreSparse
 
 from .errors import CompileError
 from .feeds import as_feed, load_feeds, parse_input_shapes, random_feeds
@@ -26,6 +27,7 @@ from .quantize import DEFAULT_MIN_COSINE, Calibrate, integer_kernels, quantize_t
 from .instruments import DebugDump, VerifyEachPass
 from .pass_manager import PassManager, count_nodes, param_bytes
 from .pipeline import get_pipeline
+from .prune import model_size, prune_passes, pruning_summary
 from .report import CompileReport
 from .verify import EXACT, Tolerance, VerificationError, compare, run, runnable
 
@@ -71,6 +73,9 @@ def compile(model, *, pipeline: str | Sequence[Pass] = "default", pipeline_optio
             calibration_samples: int | None = None, calibration_preprocess=None,
             exclude: Sequence[str] = (),
             min_cosine: float = DEFAULT_MIN_COSINE, per_channel: bool = True, integer_depthwise: bool = False,
+            prune: float | None = None, prune_mode: str = "unstructured", prune_scope: str = "layer",
+            prune_importance: str | None = None, refit: str | None = None, prune_exclude: Sequence[str] = (),
+            prune_first_last: bool = False, sparse_storage: bool = False,
             progress=None) -> CompileResult:
     """Compile `model` (a path, bytes, `onnx.ModelProto` or `onnx_graphsurgeon.Graph`; the
     caller's object is never modified) through `pipeline` (a name, with `pipeline_options`
@@ -88,7 +93,16 @@ def compile(model, *, pipeline: str | Sequence[Pass] = "default", pipeline_optio
     CalibrationTable); `exclude` names nodes or op types to keep in float; `per_channel=False`
     gives one weight scale per tensor (models below opset 13); `integer_depthwise=True`
     quantizes depthwise Convs too (faster on big maps, less accurate: rewrites/qdq_targets.py);
-    the result must keep every output's cosine with the float model at `min_cosine` or more."""
+    the result must keep every output's cosine with the float model at `min_cosine` or more.
+
+    `prune` (a share in [0, 1)) prunes after the pipeline and before quantizing:
+    `prune_mode` "unstructured" or "2:4" zeroes weights (`prune_scope` "layer" or "global"
+    with LAMP scores; `sparse_storage=True` stores them as sparse initializers where that is
+    smaller), "channel" removes that share of the channels of every prunable channel space
+    (`prune_importance` "l1", "l2" or "activation"; `refit` "lstsq", "bias" or "none"; by
+    default "activation" and "lstsq" with `calibration` data, else "l1" and "none"). `prune_exclude` names nodes or op
+    types to leave whole; the first and last layers are left whole unless `prune_first_last`.
+    A pruned model is held to `min_cosine` like a quantized one."""
     source = _as_source(model)
     ir_model = ir.load(source)
     notes = []
@@ -101,19 +115,26 @@ def compile(model, *, pipeline: str | Sequence[Pass] = "default", pipeline_optio
     report = CompileReport(pipeline_name, nodes_before=count_nodes(ir_model),
                            param_bytes_before=param_bytes(ir_model), notes=notes)
 
-    held_out, calibrate = None, None
+    calibrate = None
+    if calibration_preprocess is not None:
+        if not isinstance(calibration, (str, os.PathLike)):
+            raise CompileError("calibration_preprocess needs calibration to be a folder of images")
+        calibration = image_source(calibration, calibration_preprocess, model=ir_model, what="calibration data")
+    calib, held_out = _calibration_split(ir_model, calibration, calibration_samples)
+    if prune is not None:
+        passes += prune_passes(prune, prune_mode, prune_scope, prune_importance, refit, prune_exclude,
+                               prune_first_last, calib, progress)
+        tolerance = quantize_tolerance(min_cosine)
+    elif sparse_storage:
+        raise CompileError("sparse_storage stores pruned weights: it needs prune")
     if quantize is not None:
-        if calibration_preprocess is not None:
-            if not isinstance(calibration, (str, os.PathLike)):
-                raise CompileError("calibration_preprocess needs calibration to be a folder of images")
-            calibration = image_source(calibration, calibration_preprocess, model=ir_model,
-                                       what="calibration data")
-        calibrate, held_out = _quantize_stage(ir_model, quantize, calibration, calibration_table,
-                                              calibration_method, calibration_samples, exclude,
-                                              per_channel, integer_depthwise, progress)
+        calibrate = _quantize_stage(quantize, calib, held_out, calibration_table, calibration_method, exclude,
+                                    per_channel, integer_depthwise, progress)
         passes += [IntegerForms(calibrate.insert.target, tuple(exclude), calibrate.input_shapes), calibrate,
                    calibrate.insert, DeadCodeElimination()]
         tolerance = quantize_tolerance(min_cosine)
+    if sparse_storage:
+        passes.append(StoreSparse())
     shapes = parse_input_shapes(input_shapes) if _is_spec_list(input_shapes) else \
         {k: tuple(v) for k, v in (input_shapes or {}).items()}  # parsed even unused: bad flags fail
     reference = []
@@ -133,8 +154,13 @@ def compile(model, *, pipeline: str | Sequence[Pass] = "default", pipeline_optio
         instruments.append(DebugDump(debug_dump))
     if verify_each_pass:
         instruments.append(VerifyEachPass(feeds, reference, EXACT, lossy_tolerance=tolerance))
+    if prune is not None:
+        report.file_size_before = model_size(ir_model)
     report.records = PassManager(passes, instruments).run(ir_model)
     report.nodes_after, report.param_bytes_after = count_nodes(ir_model), param_bytes(ir_model)
+    if prune is not None:
+        report.pruning = pruning_summary(ir_model, report.records)
+        report.file_size_after = model_size(ir_model)
 
     if verify or quantize is not None:
         scratch = Path(tempfile.mkdtemp(prefix="onnxcc-verify-"))
@@ -161,30 +187,32 @@ def compile(model, *, pipeline: str | Sequence[Pass] = "default", pipeline_optio
 HOLDOUT = 4  # calibration feeds kept apart to verify the quantized model on unseen data
 
 
-def _quantize_stage(model, mode, calibration, table, method, samples, exclude, per_channel, integer_depthwise,
-                    progress):
-    """The Calibrate and InsertQDQ passes, and the feeds held out for verification."""
+def _calibration_split(model, calibration, samples):
+    """(calibration feeds, held-out feeds for verification) from the user's data, or
+    (None, None) without any."""
+    if calibration is None:
+        return None, None
+    source = as_source(calibration, model, what="calibration data")
+    if source.length == 1:
+        return source, source  # one sample: verify on it rather than on nothing
+    holdout = HOLDOUT if source.length is None else min(HOLDOUT, max(1, source.length // 5))
+    calib, held_out = split(source, holdout=holdout)
+    return (calib.limit(samples) if samples is not None else calib), held_out
+
+
+def _quantize_stage(mode, calib, held_out, table, method, exclude, per_channel, integer_depthwise, progress):
+    """The Calibrate pass, which holds the InsertQDQ pass that follows it."""
     if mode != "int8":
         raise CompileError(f"quantization '{mode}' is not supported (choose from: int8)")
     if isinstance(table, (str, os.PathLike)):
         table = CalibrationTable.load(table)
-    calib, held_out = None, None
-    if calibration is not None:
-        source = as_source(calibration, model, what="calibration data")
-        if source.length == 1:
-            calib = held_out = source  # one sample: verify on it rather than on nothing
-        else:
-            holdout = HOLDOUT if source.length is None else min(HOLDOUT, max(1, source.length // 5))
-            calib, held_out = split(source, holdout=holdout)
-        calib = calib.limit(samples) if samples is not None else calib
     # Tensors are sized at the calibration inputs' shapes, or at those the table recorded. The
     # held-out feeds are read for it: they can be read again, a one-shot iterator cannot.
     shapes = table.inputs if table is not None else _first_shapes(held_out)
     target = replace(ORT_CPU, integer_depthwise=True) if integer_depthwise else ORT_CPU
     insert = InsertQDQ(target=target, exclude=tuple(exclude), per_channel=per_channel, input_shapes=shapes or None)
-    calibrate = Calibrate(insert=insert, feeds=calib, method=method, exclude=tuple(exclude), table=table,
-                          input_shapes=shapes or None, progress=progress)
-    return calibrate, held_out
+    return Calibrate(insert=insert, feeds=calib, method=method, exclude=tuple(exclude), table=table,
+                     input_shapes=shapes or None, progress=progress)
 
 
 def _first_shapes(source) -> dict[str, tuple[int, ...]]:

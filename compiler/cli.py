@@ -28,6 +28,9 @@ examples:
   onnxcc compile model.onnx -o out.onnx --verify-each-pass          name the first pass that breaks numerics
   onnxcc compile model.onnx -o int8.onnx --quantize int8 --calib feeds/ --save-calibration calib.json
   onnxcc compile model.onnx -o int8.onnx --quantize int8 --calibration-table calib.json
+  onnxcc compile model.onnx -o small.onnx --prune 0.2 --prune-mode channel --calib feeds/
+                                                                    remove 20% of channels, refit on data
+  onnxcc compile model.onnx -o sparse.onnx --prune 0.7 --prune-scope global --sparse-storage
   onnxcc compile old.onnx -o out.onnx --freeze-inputs --allow-growth --fold-size-limit 1G
                                                                     fold everything, even if it grows
   onnxcc inspect model.onnx                                         ops, parameters, signature, metadata
@@ -98,6 +101,28 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one scale per weight tensor instead of per output channel (needed below opset 13)")
     q.add_argument("--min-cosine", type=float, default=0.99, metavar="C",
                    help="fail when an output's cosine with the float model falls below C (default: %(default)s)")
+    p = c.add_argument_group("pruning (after the pipeline, before quantizing)")
+    p.add_argument("--prune", type=float, metavar="SHARE",
+                   help="prune this share of the weights (unstructured, 2:4) or of the channels (channel), "
+                        "e.g. 0.5")
+    p.add_argument("--prune-mode", default="unstructured", choices=["unstructured", "2:4", "channel"],
+                   help="zero single weights (size only in onnxruntime), 2 of every 4 along the reduction "
+                        "axis, or remove whole channels (smaller and faster) (default: %(default)s)")
+    p.add_argument("--prune-scope", default="layer", choices=["layer", "global"],
+                   help="the share per layer, or over the whole model with per-layer normalised scores "
+                        "(default: %(default)s)")
+    p.add_argument("--prune-importance", choices=["l1", "l2", "activation"],
+                   help="channel ranking: weight norms, or what a channel adds to the next layer's output "
+                        "on --calib data (default: activation with --calib, else l1)")
+    p.add_argument("--refit", choices=["lstsq", "bias", "none"],
+                   help="after channel pruning, refit each consumer to the float model's outputs on --calib "
+                        "data (lstsq), only correct its bias (bias), or neither (default: lstsq with --calib)")
+    p.add_argument("--prune-exclude", action="append", default=[], metavar="NAME_OR_OP",
+                   help="leave this node (by name) or op type unpruned (repeatable)")
+    p.add_argument("--prune-first-last", action="store_true",
+                   help="prune the first and last layers' weights too (off: they are left whole)")
+    p.add_argument("--sparse-storage", action="store_true",
+                   help="store pruned weights as sparse initializers where that is smaller")
     c.add_argument("--debug-dump", type=Path, metavar="DIR",
                    help="write NNN_<pass>.onnx/.txt/.diff per pass and summary.txt into DIR")
     c.add_argument("--no-verify", action="store_true", help="skip the final check in onnxruntime")
@@ -152,19 +177,27 @@ def _compile(args) -> int:
     options = {k: v for k, v in (("fold_size_limit", args.fold_size_limit),
                                  ("allow_growth", args.allow_growth or None),
                                  ("freeze_inputs", args.freeze_inputs or None)) if v is not None}
-    quantize = {}
+    lossy = {}
+    if args.quantize or args.prune is not None:
+        lossy = dict(calibration=args.calib, calibration_preprocess=_image_preprocess(args),
+                     calibration_samples=args.calib_samples, min_cosine=args.min_cosine, progress=_progress())
+    elif args.calib or args.calib_preprocess or any(getattr(args, flag) is not None for flag in IMAGE_OPTIONS):
+        raise CompileError("--calib, --calib-preprocess and --image-* need --quantize int8 or --prune")
     if args.quantize:
-        quantize = dict(quantize=args.quantize, calibration=args.calib, calibration_table=args.calibration_table,
-                        calibration_preprocess=_image_preprocess(args),
-                        calibration_method=args.calib_method, calibration_samples=args.calib_samples,
-                        exclude=args.exclude, min_cosine=args.min_cosine,
-                        per_channel=not args.per_tensor_weights, integer_depthwise=args.integer_depthwise,
-                        progress=_progress())
-    elif (args.calib or args.calibration_table or args.save_calibration or args.exclude or args.calib_preprocess
-          or any(getattr(args, flag) is not None for flag in IMAGE_OPTIONS)):
-        raise CompileError("--calib, --calib-preprocess, --image-*, --calibration-table, --save-calibration "
-                           "and --exclude need --quantize int8")
-    result = compile_model(args.model, pipeline=args.pipeline, pipeline_options=options, **quantize,
+        lossy.update(quantize=args.quantize, calibration_table=args.calibration_table,
+                     calibration_method=args.calib_method, exclude=args.exclude,
+                     per_channel=not args.per_tensor_weights, integer_depthwise=args.integer_depthwise)
+    elif args.calibration_table or args.save_calibration or args.exclude:
+        raise CompileError("--calibration-table, --save-calibration and --exclude need --quantize int8")
+    if args.prune is not None:
+        lossy.update(prune=args.prune, prune_mode=args.prune_mode, prune_scope=args.prune_scope,
+                     prune_importance=args.prune_importance, refit=args.refit, prune_exclude=args.prune_exclude,
+                     prune_first_last=args.prune_first_last, sparse_storage=args.sparse_storage)
+    elif (args.refit or args.prune_exclude or args.prune_first_last or args.sparse_storage
+          or args.prune_mode != "unstructured" or args.prune_scope != "layer" or args.prune_importance):
+        raise CompileError("--prune-mode, --prune-scope, --prune-importance, --refit, --prune-exclude, "
+                           "--prune-first-last and --sparse-storage need --prune SHARE")
+    result = compile_model(args.model, pipeline=args.pipeline, pipeline_options=options, **lossy,
                            verify=not args.no_verify,
                            verify_each_pass=args.verify_each_pass, debug_dump=args.debug_dump,
                            verify_data=args.verify_data, input_shapes=args.input_shape)

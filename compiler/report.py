@@ -22,6 +22,9 @@ class CompileReport:
     param_bytes_after: int = 0
     notes: list[str] = field(default_factory=list)  # what the compiler did besides passes
     integer_kernels: IntegerKernels | None = None  # when quantizing
+    pruning: str | None = None  # when pruning: what went (sparsity or channels)
+    file_size_before: tuple[int, int] | None = None  # when pruning: (bytes, zipped bytes) as one file
+    file_size_after: tuple[int, int] | None = None
 
     def rewrites_by_rule(self) -> dict[str, int]:
         total: dict[str, int] = {}
@@ -35,6 +38,12 @@ class CompileReport:
                 f"{format_bytes(self.param_bytes_before)} -> {format_bytes(self.param_bytes_after)} parameters")
         for note in self.notes:
             line += f"; {note}"
+        if self.pruning is not None:
+            line += f"; {self.pruning}"
+        if self.file_size_before is not None and self.file_size_after is not None:
+            (a, az), (b, bz) = self.file_size_before, self.file_size_after
+            line += (f"; file {format_bytes(a)} -> {format_bytes(b)}, "
+                     f"zipped {format_bytes(az)} -> {format_bytes(bz)}")
         if self.integer_kernels is not None:
             line += f"; {self.integer_kernels}"
         if self.verification is not None:

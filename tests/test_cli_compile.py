@@ -282,7 +282,9 @@ def test_compile_help_lists_every_flag_and_the_examples(capsys):
              "--freeze-inputs", "--quantize", "--calib", "--calib-preprocess", "--image-size", "--image-layout",
              "--image-channels", "--image-scale", "--image-mean", "--image-std", "--image-fit",
              "--calib-method", "--calib-samples", "--exclude",
-             "--save-calibration", "--calibration-table", "--integer-depthwise", "--per-tensor-weights", "--min-cosine", "--debug-dump", "--no-verify",
+             "--save-calibration", "--calibration-table", "--integer-depthwise", "--per-tensor-weights", "--min-cosine",
+             "--prune", "--prune-mode", "--prune-scope", "--prune-importance", "--refit", "--prune-exclude",
+             "--prune-first-last", "--sparse-storage", "--debug-dump", "--no-verify",
              "--verify-each-pass", "--verify-data", "--input-shape", "--traceback"]
     compile_parser = build_parser()._subparsers._group_actions[0].choices["compile"]
     declared = [s for a in compile_parser._actions for s in a.option_strings]
