@@ -1,4 +1,4 @@
-"""The Python API: `compiler.compile(model, ...) -> CompileResult` (DESIGN.md §4, §5, §8).
+"""The Python API: `compiler.compile(model, ...) -> CompileResult` (DESIGN.md §4, §5, §9).
 
 Every accepted input form gives a verified result, the caller's model is never touched, the
 result runs in onnxruntime with the input's outputs, `save` is atomic, and `verify=False`

@@ -1,5 +1,5 @@
 """Malformed input: every case is refused with a `CompileError` subclass whose message is one
-exact line that says what is wrong and where (DESIGN.md §8), never a raw protobuf, numpy or
+exact line that says what is wrong and where (DESIGN.md §9), never a raw protobuf, numpy or
 KeyError exception."""
 
 from __future__ import annotations

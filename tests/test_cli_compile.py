@@ -1,5 +1,5 @@
 """`onnxcc compile`: every exit code, in process through `compiler.cli.main` and once each
-through `python -m compiler` (DESIGN.md §5, §8).
+through `python -m compiler` (DESIGN.md §5, §9).
 
 0 success (OUT written, report printed), 1 verification failed (nothing written), 2 bad input
 or usage, 3 internal error. Errors for 1 and 2 are exactly one line on stderr; a crash is one

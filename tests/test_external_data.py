@@ -1,6 +1,6 @@
 """External data: weights stay in their file until used (memory-mapped), emission writes the
 large ones to `<output>.data` beside the output, and references that would read outside the
-model's folder or past the end of a file are refused with one exact line (DESIGN.md §2, §8)."""
+model's folder or past the end of a file are refused with one exact line (DESIGN.md §2, §9)."""
 
 from __future__ import annotations
 
