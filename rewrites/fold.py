@@ -57,8 +57,9 @@ class FoldConstants(Pass):
     """Fold constant subexpressions in the main graph and every subgraph.
 
     The change log holds one `FoldConstants` rewrite per folded node (also when a region of
-    several nodes is committed at once), one `FoldShape` per shape-arithmetic node and one
-    `InlineConstantIf` per inlined If."""
+    several nodes is committed at once), one `FoldShape` per shape-arithmetic node, one
+    `InlineConstantIf` per inlined If and one `InfeasibleBranch` per If whose output types
+    were refined from the only branch a valid input can take."""
 
     size_limit: int = 1 << 20  # bytes: no folded tensor may be larger
     allow_growth: bool = False  # allow folds whose outputs outweigh the constants they free
@@ -72,11 +73,18 @@ class FoldConstants(Pass):
 
     def _graph(self, graph: Graph, rw: Rewriter, opsets: dict[str, int]) -> bool:
         """Sweep until nothing changes: a sweep's folds can make new regions (a Reshape whose
-        size was unknown until its shape input folded). Every change removes a node."""
+        size was unknown until its shape input folded). Every change removes a node, or
+        gives an If output of unknown rank the rank of the only branch a valid input can
+        take (`feasible.py`), after which rank tests on it fold."""
+        from .feasible import refine_branch_types  # it evaluates nodes with this module
+
         changed = False
-        while self._sweep(graph, rw, opsets):
+        while True:
+            while self._sweep(graph, rw, opsets):
+                changed = True
+            if not refine_branch_types(graph, rw, opsets):
+                return changed
             changed = True
-        return changed
 
     def _sweep(self, graph: Graph, rw: Rewriter, opsets: dict[str, int]) -> bool:
         """One sweep in topological order: a region that may fold is evaluated and committed

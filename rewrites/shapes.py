@@ -3,7 +3,9 @@
 onnx's own inference runs first, on a light copy of the model (`ir.skeleton_proto`: every big
 tensor, in any graph or Constant, is dtype and dims only, so a model of many GB costs only its
 structure); what it leaves unknown is filled by a few local rules (elementwise, Cast,
-broadcasting, Shape/Size, and If/Loop/Scan outputs from their bodies' outputs). Types only
+broadcasting, Shape/Size, Squeeze/Unsqueeze with constant axes, If/Loop/Scan outputs from
+their bodies' outputs, and what the weights alone tell: a Conv's rank and channels, an
+LSTM/GRU/RNN's output ranks). Types only
 ever gain information: unknown < symbolic < fixed, so running the pass twice changes nothing
 the second time.
 """
@@ -20,7 +22,7 @@ import ir
 from ir import Graph, Model, Node, Value
 
 from .base import ChangeLog, Pass, PassResult, Rewriter
-from .patterns import attr, default_opset
+from .patterns import attr, const, default_opset
 
 # Tensors of this many bytes or more reach onnx's inference as dtype and dims only (small
 # ones stay, so data propagation can read shape arithmetic).
@@ -190,6 +192,12 @@ def _local_types(node: Node, opset: int = 21) -> list[tuple[int | None, tuple | 
         return [(TensorProto.INT64, ())]
     if op in SAME_AS_INPUT:  # output 0 only (Dropout's mask type depends on the opset)
         return [(x.dtype, x.shape)]
+    if op in ("Squeeze", "Unsqueeze"):
+        return _squeeze_types(node)
+    if op in ("Conv", "ConvTranspose"):
+        return _conv_types(node)
+    if op in RNNS:
+        return _rnn_types(node)
     if op == "Cast":
         return [(attr(node, "to"), x.shape)]
     if op == "CastLike" and len(ins) > 1 and ins[1] is not None:
@@ -200,6 +208,71 @@ def _local_types(node: Node, opset: int = 21) -> list[tuple[int | None, tuple | 
         dtype = TensorProto.BOOL if op in COMPARE else (data[0].dtype if data else None)
         return [(dtype, broadcast([v.shape for v in present]))]
     return []
+
+
+RNNS = ("LSTM", "GRU", "RNN")
+
+
+def _squeeze_types(node: Node) -> list:
+    """Squeeze and Unsqueeze with constant axes (an attribute before opset 13, an input
+    since): the input's dims without, or with, those axes."""
+    x = node.inputs[0]
+    a = node.attributes.get("axes")
+    if a is not None:
+        axes = None if a.ref_attr_name else [int(i) for i in a.value]
+    else:
+        data = const(node.inputs[1]) if len(node.inputs) > 1 else None
+        axes = None if data is None else [int(i) for i in data.ravel()]
+    if not axes or x.shape is None:
+        return []
+    shape = list(x.shape)
+    rank = len(shape) + (len(axes) if node.op_type == "Unsqueeze" else 0)
+    if any(not -rank <= i < rank for i in axes) or len({i % rank for i in axes}) != len(axes):
+        return []  # the node fails
+    axes = {i % rank for i in axes}
+    if node.op_type == "Squeeze":
+        if any(isinstance(shape[i], int) and shape[i] != 1 for i in axes):
+            return []  # squeezes a dim that is not 1: the node fails
+        return [(x.dtype, tuple(d for i, d in enumerate(shape) if i not in axes))]
+    dims = iter(shape)
+    return [(x.dtype, tuple(1 if i in axes else next(dims) for i in range(rank)))]
+
+
+def _conv_types(node: Node) -> list:
+    """Conv and ConvTranspose: the output has the weight's rank (the input must have it too)
+    and its channels come from the weight (M for Conv, C/group x group for ConvTranspose),
+    whatever is known of the input; the batch is the input's."""
+    x, w = node.inputs[0], node.inputs[1] if len(node.inputs) > 1 else None
+    if w is None or w.type is not None or w.shape is None or len(w.shape) < 3:
+        return []
+    rank = len(w.shape)
+    if node.op_type == "Conv":
+        channels = w.shape[0]
+    else:
+        group = attr(node, "group", 1)
+        channels = w.shape[1] * group if isinstance(w.shape[1], int) and isinstance(group, int) else None
+    batch = x.shape[0] if x.shape is not None and len(x.shape) == rank else None
+    return [(x.dtype if x.dtype is not None else w.dtype, (batch, channels) + (None,) * (rank - 2))]
+
+
+def _rnn_types(node: Node) -> list:
+    """LSTM, GRU, RNN: Y, Y_h (and LSTM's Y_c) have fixed ranks whatever the input is (X
+    must be 3-D), with num_directions and hidden_size from the attributes."""
+    hidden, layout = attr(node, "hidden_size"), attr(node, "layout", 0)
+    if not isinstance(hidden, int) or layout not in (0, 1):
+        return []
+    dirs = 2 if attr(node, "direction", "forward") == "bidirectional" else 1
+    x = node.inputs[0]
+    seq = batch = None
+    if x.shape is not None and len(x.shape) == 3:
+        seq, batch = (x.shape[0], x.shape[1]) if layout == 0 else (x.shape[1], x.shape[0])
+    if layout == 0:
+        y, state = (seq, dirs, batch, hidden), (dirs, batch, hidden)
+    else:
+        y, state = (batch, seq, dirs, hidden), (batch, dirs, hidden)
+    w = node.inputs[1] if len(node.inputs) > 1 else None
+    dtype = x.dtype if x.dtype is not None or w is None else w.dtype
+    return [(dtype, y)] + [(dtype, state)] * (len(node.outputs) - 1)
 
 
 def shape_dims(shape_node: Node) -> list | None:
