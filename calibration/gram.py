@@ -83,15 +83,23 @@ class InputStats:
 
     count: int  # rows (patches) seen
     mean: np.ndarray  # [F] float64, E[x]
-    gram: np.ndarray  # [F, F] float64, E[x x^T]
+    gram: np.ndarray | None  # [F, F] float64, E[x x^T]; None over MAX_GRAM_FEATURES features
+    meansq: np.ndarray | None = None  # [F] float64, E[x^2] (the Gram's diagonal)
+
+    def __post_init__(self):
+        if self.meansq is None and self.gram is not None:
+            self.meansq = np.diag(self.gram).copy()
 
     @property
     def features(self) -> int:
         return self.mean.size
 
-    def covariance(self) -> np.ndarray:
+    def covariance(self) -> np.ndarray:  # (needs the Gram)
         """E[(x - E x)(x - E x)^T]."""
         return self.gram - np.outer(self.mean, self.mean)
+
+
+MAX_GRAM_FEATURES = 4096  # a 128 MiB Gram
 
 
 class FeatureStatsObserver:
@@ -99,7 +107,7 @@ class FeatureStatsObserver:
 
     kind = "feature-stats"
 
-    def __init__(self, layout: FeatureLayout, name: str = ""):
+    def __init__(self, layout: FeatureLayout, name: str = "", max_gram_features: int | None = None):
         if not isinstance(layout, FeatureLayout):
             raise CompileError(f"feature stats{_at(name)}: layout must be a FeatureLayout, got {type(layout).__name__}")
         self.layout = layout
@@ -108,6 +116,10 @@ class FeatureStatsObserver:
         self.nonfinite = 0  # rows skipped for a NaN/Inf
         self.sum: np.ndarray | None = None  # [F] float64, fixed by the first update
         self.outer: np.ndarray | None = None  # [F, F] float64, sum of x x^T
+        self.sumsq: np.ndarray | None = None  # [F] float64, sum of x^2
+        # Past this many features only the mean and E[x^2] are kept: the Gram of a Flatten
+        # into a Gemm (25088 features in VGG) would take gigabytes.
+        self.max_gram_features = MAX_GRAM_FEATURES if max_gram_features is None else max_gram_features
 
     @property
     def features(self) -> int | None:
@@ -130,7 +142,9 @@ class FeatureStatsObserver:
             return self
         self._fix_features(other.sum.size)
         self.sum += other.sum
-        self.outer += other.outer
+        self.sumsq += other.sumsq
+        if self.outer is not None:
+            self.outer += other.outer
         self.count += other.count
         return self
 
@@ -139,6 +153,8 @@ class FeatureStatsObserver:
         if not self.count:
             raise CompileError(f"feature stats{_at(self.name)}: no finite rows observed")
         mean = self.sum / self.count
+        if self.outer is None:
+            return InputStats(self.count, mean, None, self.sumsq / self.count)
         gram = self.outer / self.count
         gram = (gram + gram.T) * 0.5  # exactly symmetric for the solvers
         return InputStats(self.count, mean, gram)
@@ -151,7 +167,8 @@ class FeatureStatsObserver:
     def _fix_features(self, f: int) -> None:
         if self.sum is None:
             self.sum = np.zeros(f, dtype=np.float64)
-            self.outer = np.zeros((f, f), dtype=np.float64)
+            self.sumsq = np.zeros(f, dtype=np.float64)
+            self.outer = np.zeros((f, f), dtype=np.float64) if f <= self.max_gram_features else None
         elif f != self.sum.size:
             raise CompileError(f"feature stats{_at(self.name)}: {f} features per row for layout "
                                f"{self.layout}, expected {self.sum.size} as before")
@@ -166,8 +183,10 @@ class FeatureStatsObserver:
             return
         self.count += rows.shape[0]
         self.sum += rows.sum(axis=0)
-        # rows.T @ rows on one buffer: numpy calls BLAS syrk (half the work of a general gemm).
-        self.outer += rows.T @ rows
+        self.sumsq += np.einsum("rf,rf->f", rows, rows)
+        if self.outer is not None:
+            # rows.T @ rows on one buffer: numpy calls BLAS syrk (half the work of a general gemm).
+            self.outer += rows.T @ rows
 
     def _chunks(self, x: np.ndarray):
         """[R, F] float64 copies of x's rows, a bounded number of bytes at a time."""

@@ -110,7 +110,7 @@ def channel_importance(space: ChannelSpace, importance: str = "l1",
             if st.mean.shape != (w.shape[1],):
                 raise CompileError(f"statistics of '{c.node.name}' hold {st.mean.size} features, "
                                    f"its weight reads {w.shape[1]}")
-            contrib = (w ** 2).sum(axis=0) * np.diag(st.gram)
+            contrib = (w ** 2).sum(axis=0) * st.meansq
             mine = c.channel_of_feature >= 0
             np.add.at(total, c.channel_of_feature[mine], contrib[mine])
             used = True

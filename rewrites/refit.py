@@ -60,13 +60,13 @@ def refit(weight2d: np.ndarray, bias: np.ndarray | None, kept: np.ndarray,
         return w_k.copy(), b.copy()
     if stats is None:
         raise CompileError(f"refit{at}: mode '{mode}' needs input statistics from calibration")
-    if stats.mean.shape != (f,) or stats.gram.shape != (f, f):
+    if stats.mean.shape != (f,) or (stats.gram is not None and stats.gram.shape != (f, f)):
         raise CompileError(f"refit{at}: statistics of {stats.mean.size} features for a weight of {f}")
     removed = np.setdiff1d(np.arange(f), k, assume_unique=True)
     w_r = w[:, removed]
     m = stats.mean
     b_bias = b + w_r @ m[removed]
-    if mode == "bias" or removed.size == 0 or k.size == 0:
+    if mode == "bias" or removed.size == 0 or k.size == 0 or stats.gram is None:  # (too many features)
         return w_k.copy(), b_bias
     delta = _delta(w_r, stats, k, removed, damp)
     if delta is None:

@@ -140,6 +140,21 @@ def test_rows_layout():
     np.testing.assert_allclose(s.covariance(), np.cov(flat.T, bias=True), atol=1e-12)
 
 
+def test_over_the_gram_limit_only_the_mean_and_square_mean_are_kept():
+    x = rng(8).normal(size=(40, 12))
+    big = FeatureStatsObserver(FeatureLayout("rows"), max_gram_features=11).update(x[:25]).update(x[25:])
+    s = big.stats
+    assert s.gram is None and big.outer is None
+    np.testing.assert_allclose(s.mean, x.mean(axis=0), rtol=1e-12)
+    np.testing.assert_allclose(s.meansq, (x ** 2).mean(axis=0), rtol=1e-12)
+    full = observe(FeatureLayout("rows"), x).stats
+    np.testing.assert_allclose(full.meansq, np.diag(full.gram), rtol=1e-12)
+    w, b = rng(9).normal(size=(3, 12)), rng(10).normal(size=3)
+    kept = np.array([0, 1, 4, 7, 9])
+    for got, want in zip(refit(w, b, kept, s, "lstsq"), refit(w, b, kept, full, "bias")):
+        np.testing.assert_allclose(got, want, rtol=1e-12)  # without the Gram, lstsq is the bias refit
+
+
 def test_nonfinite_rows_are_skipped():
     x = rng(8).normal(size=(6, 4))
     y = x.copy()
