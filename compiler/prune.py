@@ -108,6 +108,9 @@ def prune_passes(share: float, mode: str, scope: str, importance: str | None, re
     # With data, rank channels by what they contribute to the next layer's output and refit
     # that layer (measured on the OCR classifier at 20%: accuracy -0.2 with l1, +1.1 with
     # activation importance; without refit -20 points).
+    if first_last:
+        raise CompileError("prune_first_last applies to weight pruning: channel pruning never touches a "
+                           "graph output's channels, and prunes the first layer's unless excluded")
     if refit is None:
         refit = "lstsq" if feeds is not None else "none"
     if importance is None:

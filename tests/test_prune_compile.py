@@ -123,6 +123,9 @@ def test_pruning_over_the_cosine_budget_fails(calib):
     (dict(prune=0.5, refit="lstsq"), "refit and importance apply to channel pruning (--prune-mode channel)"),
     (dict(prune=0.5, prune_mode="channel", refit="exact"), "unknown refit 'exact' (choose from: lstsq, bias, none)"),
     (dict(sparse_storage=True), "sparse_storage stores pruned weights: it needs prune"),
+    (dict(prune=0.5, prune_mode="channel", prune_first_last=True),
+     "prune_first_last applies to weight pruning: channel pruning never touches a graph output's channels, "
+     "and prunes the first layer's unless excluded"),
     (dict(prune=1.5), "prune-weights: sparsity must be a number in [0, 1), got 1.5"),
     (dict(prune=0.5, prune_mode="channel", refit="lstsq"),
      "channel pruning with refit or activation importance needs calibration data (--calib DIR); "
