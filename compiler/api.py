@@ -75,7 +75,7 @@ def compile(model, *, pipeline: str | Sequence[Pass] = "default", pipeline_optio
             min_cosine: float = DEFAULT_MIN_COSINE, per_channel: bool = True, integer_depthwise: bool = False,
             prune: float | None = None, prune_mode: str = "unstructured", prune_scope: str = "layer",
             prune_importance: str | None = None, refit: str | None = None, prune_exclude: Sequence[str] = (),
-            prune_first_last: bool = False, sparse_storage: bool = False,
+            prune_first_last: bool = False, prune_multiple: int = 8, sparse_storage: bool = False,
             progress=None) -> CompileResult:
     """Compile `model` (a path, bytes, `onnx.ModelProto` or `onnx_graphsurgeon.Graph`; the
     caller's object is never modified) through `pipeline` (a name, with `pipeline_options`
@@ -100,7 +100,8 @@ def compile(model, *, pipeline: str | Sequence[Pass] = "default", pipeline_optio
     with LAMP scores; `sparse_storage=True` stores them as sparse initializers where that is
     smaller), "channel" removes that share of the channels of every prunable channel space
     (`prune_importance` "l1", "l2" or "activation"; `refit` "lstsq", "bias" or "none"; by
-    default "activation" and "lstsq" with `calibration` data, else "l1" and "none"). `prune_exclude` names nodes or op
+    default "activation" and "lstsq" with `calibration` data, else "l1" and "none"; kept
+    counts are multiples of `prune_multiple`). `prune_exclude` names nodes or op
     types to leave whole; the first and last layers are left whole unless `prune_first_last`.
     A pruned model is held to `min_cosine` like a quantized one."""
     source = _as_source(model)
@@ -123,7 +124,7 @@ def compile(model, *, pipeline: str | Sequence[Pass] = "default", pipeline_optio
     calib, held_out = _calibration_split(ir_model, calibration, calibration_samples)
     if prune is not None:
         passes += prune_passes(prune, prune_mode, prune_scope, prune_importance, refit, prune_exclude,
-                               prune_first_last, calib, progress)
+                               prune_first_last, prune_multiple, calib, progress)
         tolerance = quantize_tolerance(min_cosine)
     elif sparse_storage:
         raise CompileError("sparse_storage stores pruned weights: it needs prune")

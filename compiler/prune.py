@@ -22,6 +22,7 @@ from .errors import CompileError
 
 MODES = ("unstructured", "2:4", "channel")
 REFITS = ("lstsq", "bias", "none")
+DEFAULT_MULTIPLE = 8  # kept channel counts are multiples of this
 
 
 @dataclass
@@ -38,6 +39,7 @@ class ChannelPruning(Pass):
     importance: str = "l1"
     refit: str = "none"
     exclude: tuple[str, ...] = ()
+    multiple: int = 8
     feeds: Any = None
     progress: Callable[[int, int | None], None] | None = None
 
@@ -47,7 +49,7 @@ class ChannelPruning(Pass):
         if self.importance == "activation" or self.refit != "none":
             stats = consumer_stats(model, spaces, self.feeds, self.progress)
         plan = plan_channels(model, spaces, self.ratio, scope=self.scope, importance=self.importance,
-                             stats=stats, exclude=self.exclude)
+                             stats=stats, exclude=self.exclude, refit=self.refit, round_to=self.multiple)
         return PruneChannels(plan=plan, stats=stats, refit=self.refit).run(model)
 
 
@@ -96,13 +98,14 @@ def model_size(model: Model) -> tuple[int, int] | None:
 
 
 def prune_passes(share: float, mode: str, scope: str, importance: str | None, refit: str | None,
-                 exclude, first_last: bool, feeds, progress=None) -> list[Pass]:
+                 exclude, first_last: bool, multiple: int, feeds, progress=None) -> list[Pass]:
     """The pruning pass the options ask for (validated here, with one-line errors)."""
     if mode not in MODES:
         raise CompileError(f"unknown pruning mode '{mode}' (choose from: {', '.join(MODES)})")
     if mode != "channel":
-        if refit is not None or importance is not None:
-            raise CompileError("refit and importance apply to channel pruning (--prune-mode channel)")
+        if refit is not None or importance is not None or multiple != DEFAULT_MULTIPLE:
+            raise CompileError("refit, importance and channel multiple apply to channel pruning "
+                               "(--prune-mode channel)")
         return [PruneWeights(sparsity=share, mode=mode, scope=scope, exempt_first_last=not first_last,
                              exclude=tuple(exclude))]
     # With data, rank channels by what they contribute to the next layer's output and refit
@@ -118,7 +121,7 @@ def prune_passes(share: float, mode: str, scope: str, importance: str | None, re
     if refit not in REFITS:
         raise CompileError(f"unknown refit '{refit}' (choose from: {', '.join(REFITS)})")
     return [ChannelPruning(ratio=share, scope=scope, importance=importance, refit=refit,
-                           exclude=tuple(exclude), feeds=feeds, progress=progress)]
+                           exclude=tuple(exclude), multiple=multiple, feeds=feeds, progress=progress)]
 
 
 def pruning_summary(model: Model, records) -> str:

@@ -4,8 +4,8 @@ on them (rewrites/channels.py finds what that is), refitting the layers that rea
 
 Importance: "l1"/"l2" of each producer's output-channel weights, divided by that layer's
 mean (so layers of different scales compare), summed over the producers of a space;
-"activation": for each consumer, ||W[:, features of c]||^2 * E[x_f^2] from calibration
-statistics, summed. Kept counts are rounded up to a multiple of `round_to` (8: what fast
+"activation": from calibration statistics, the error removing the channel adds to its
+consumers' outputs after the refit that follows (`removal_error`), summed. Kept counts are rounded to the nearest multiple of `round_to` (8: what fast
 kernels want) and never reach zero; a space smaller than `round_to` is left whole.
 """
 
@@ -51,10 +51,12 @@ class ChannelPlan:
 def plan_channels(model: Model, spaces: list[ChannelSpace] | None = None, ratio: float = 0.0, *,
                   scope: str = "layer", importance: str = "l1",
                   stats: dict[str, InputStats] | None = None, round_to: int = 8,
-                  exclude=()) -> ChannelPlan:
+                  exclude=(), refit: str = "none") -> ChannelPlan:
     """Choose the channels to keep in every prunable space: `ratio` of each space ("layer"),
     or of all their channels by normalised importance ("global"). A space is left whole when
-    a layer that produces or reads it is named (by node name or op type) in `exclude`."""
+    a layer that produces or reads it is named (by node name or op type) in `exclude`.
+    `refit` is the refit that will follow: "activation" importance scores what it cannot
+    recover."""
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio < 1:
         raise CompileError(f"channel pruning ratio must be in [0, 1), got {ratio!r}")
     if scope not in SCOPES:
@@ -69,7 +71,7 @@ def plan_channels(model: Model, spaces: list[ChannelSpace] | None = None, ratio:
         spaces = channel_spaces(model)
     exclude = set(exclude)
     eligible = [s for s in spaces if s.prunable and s.size and s.size >= round_to and not _excluded(s, exclude)]
-    scores = {s.key: _normalised(channel_importance(s, importance, stats)) for s in eligible}
+    scores = {s.key: _normalised(channel_importance(s, importance, stats, refit)) for s in eligible}
     if scope == "layer":
         removed = {s.key: math.floor(ratio * s.size + 1e-9) for s in eligible}
     else:
@@ -91,14 +93,17 @@ def plan_channels(model: Model, spaces: list[ChannelSpace] | None = None, ratio:
 
 
 def kept_count(size: int, wanted: int, round_to: int = 8) -> int:
-    """`wanted` rounded up to a multiple of `round_to`, at least `round_to`, at most `size`."""
-    return min(size, max(round_to, -(-wanted // round_to) * round_to))
+    """`wanted` rounded to the nearest multiple of `round_to` (halves up), at least `round_to`,
+    at most `size`: the share removed stays close to the one asked for, on average."""
+    return min(size, max(round_to, math.floor(wanted / round_to + 0.5) * round_to))
 
 
 def channel_importance(space: ChannelSpace, importance: str = "l1",
-                       stats: dict[str, InputStats] | None = None) -> np.ndarray:
-    """One score per channel of the space (higher = keep). "activation" falls back to "l2"
-    when no consumer of the space has statistics."""
+                       stats: dict[str, InputStats] | None = None, refit: str = "none") -> np.ndarray:
+    """One score per channel of the space (higher = keep). "activation": the error removing
+    the channel alone adds to its consumers' outputs on the calibration rows, after the
+    `refit` that will follow (rewrites/refit.py); falls back to "l2" when no consumer of the
+    space has statistics."""
     total = np.zeros(space.size)
     if importance == "activation":
         used = False
@@ -110,9 +115,7 @@ def channel_importance(space: ChannelSpace, importance: str = "l1",
             if st.mean.shape != (w.shape[1],):
                 raise CompileError(f"statistics of '{c.node.name}' hold {st.mean.size} features, "
                                    f"its weight reads {w.shape[1]}")
-            contrib = (w ** 2).sum(axis=0) * st.meansq
-            mine = c.channel_of_feature >= 0
-            np.add.at(total, c.channel_of_feature[mine], contrib[mine])
+            total += removal_error(w, st, c.channel_of_feature, space.size, refit)
             used = True
         if used:
             return total
@@ -124,6 +127,42 @@ def channel_importance(space: ChannelSpace, importance: str = "l1",
         if mean > 0:
             total += norms[p.offset:p.offset + space.size] / mean
     return total
+
+
+def removal_error(w: np.ndarray, st: InputStats, channel_of_feature: np.ndarray, size: int,
+                  refit: str) -> np.ndarray:
+    """Per channel of a space, E||W x - W' x'||^2 over the calibration rows when that channel
+    alone is removed from a consumer with weight `w` [O, F] and the consumer is then refit:
+    with "none" E||W_G x_G||^2, with "bias" the same on centred rows, with "lstsq" the
+    Optimal Brain Surgeon cost tr(W_G (P_GG)^-1 W_G^T), P the inverse covariance (the kept
+    features take over what they can of the channel). G: the channel's features."""
+    scores = np.zeros(size)
+    mine = channel_of_feature >= 0
+    if st.gram is None:  # too many features for a Gram: the channels' energy
+        np.add.at(scores, channel_of_feature[mine], ((w ** 2).sum(axis=0) * st.meansq)[mine])
+        return scores
+    channels, counts = np.unique(channel_of_feature[mine], return_counts=True)
+    if counts.min() != counts.max():  # not one block per channel: the energy of each feature
+        np.add.at(scores, channel_of_feature[mine], ((w ** 2).sum(axis=0) * st.meansq)[mine])
+        return scores
+    groups = np.stack([np.flatnonzero(channel_of_feature == ch) for ch in channels])  # [n, g]
+    moment = st.gram if refit == "none" else st.covariance()
+    if refit == "lstsq":
+        diag = np.diag(moment)
+        ridged = moment + np.diag(REMOVAL_DAMP * diag + 1e-12 * max(diag.mean(), 1e-30))
+        try:
+            moment = np.linalg.inv(ridged)
+        except np.linalg.LinAlgError:
+            moment = np.linalg.pinv(ridged)
+    blocks = moment[groups[:, :, None], groups[:, None, :]]  # [n, g, g]
+    if refit == "lstsq":
+        blocks = np.linalg.pinv(blocks, hermitian=True)  # (P_GG)^-1
+    wg = w[:, groups]  # [O, n, g]
+    scores[channels] = np.einsum("ong,ngh,onh->n", wg, blocks, wg)
+    return scores
+
+
+REMOVAL_DAMP = 1e-3  # ridge of the covariance, relative to each feature's variance
 
 
 def _normalised(scores: np.ndarray) -> np.ndarray:

@@ -120,7 +120,10 @@ def test_pruning_over_the_cosine_budget_fails(calib):
 
 @pytest.mark.parametrize("options, message", [
     (dict(prune=0.5, prune_mode="4:8"), "unknown pruning mode '4:8' (choose from: unstructured, 2:4, channel)"),
-    (dict(prune=0.5, refit="lstsq"), "refit and importance apply to channel pruning (--prune-mode channel)"),
+    (dict(prune=0.5, refit="lstsq"),
+     "refit, importance and channel multiple apply to channel pruning (--prune-mode channel)"),
+    (dict(prune=0.5, prune_multiple=16),
+     "refit, importance and channel multiple apply to channel pruning (--prune-mode channel)"),
     (dict(prune=0.5, prune_mode="channel", refit="exact"), "unknown refit 'exact' (choose from: lstsq, bias, none)"),
     (dict(sparse_storage=True), "sparse_storage stores pruned weights: it needs prune"),
     (dict(prune=0.5, prune_mode="channel", prune_first_last=True),
@@ -162,5 +165,5 @@ def test_cli_pruning_over_budget_exits_1_and_writes_nothing(model_file, tmp_path
 def test_cli_pruning_flags_need_prune(model_file, tmp_path, capsys):
     assert main(["compile", str(model_file), "-o", str(tmp_path / "o.onnx"), "--prune-mode", "channel"]) == 2
     assert capsys.readouterr().err == (
-        "onnxcc: error: --prune-mode, --prune-scope, --prune-importance, --refit, --prune-exclude, "
-        "--prune-first-last and --sparse-storage need --prune SHARE\n")
+        "onnxcc: error: --prune-mode, --prune-scope, --prune-importance, --refit, --prune-multiple, "
+        "--prune-exclude, --prune-first-last and --sparse-storage need --prune SHARE\n")
