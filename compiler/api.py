@@ -75,7 +75,7 @@ def compile(model, *, pipeline: str | Sequence[Pass] = "default", pipeline_optio
             min_cosine: float = DEFAULT_MIN_COSINE, per_channel: bool = True, integer_depthwise: bool = False,
             prune: float | None = None, prune_mode: str = "unstructured", prune_scope: str = "layer",
             prune_importance: str | None = None, refit: str | None = None, prune_exclude: Sequence[str] = (),
-            prune_first_last: bool = False, prune_multiple: int = 8, sparse_storage: bool = False,
+            prune_first_last: bool = False, prune_multiple: int = 16, sparse_storage: bool = False,
             progress=None) -> CompileResult:
     """Compile `model` (a path, bytes, `onnx.ModelProto` or `onnx_graphsurgeon.Graph`; the
     caller's object is never modified) through `pipeline` (a name, with `pipeline_options`

@@ -22,7 +22,10 @@ from .errors import CompileError
 
 MODES = ("unstructured", "2:4", "channel")
 REFITS = ("lstsq", "bias", "none")
-DEFAULT_MULTIPLE = 8  # kept channel counts are multiples of this
+# Kept channel counts are multiples of this: onnxruntime's blocked (NCHWc) convolutions take
+# 16 channels at a time on AVX-512 CPUs (8 on AVX2) and fall back to slower kernels plus
+# reorders otherwise (digits CNN at 20%: 1.09x float with multiples of 8, 0.71x with 16).
+DEFAULT_MULTIPLE = 16
 
 
 @dataclass
@@ -39,7 +42,7 @@ class ChannelPruning(Pass):
     importance: str = "l1"
     refit: str = "none"
     exclude: tuple[str, ...] = ()
-    multiple: int = 8
+    multiple: int = DEFAULT_MULTIPLE
     feeds: Any = None
     progress: Callable[[int, int | None], None] | None = None
 

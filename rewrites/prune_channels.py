@@ -70,7 +70,10 @@ def plan_channels(model: Model, spaces: list[ChannelSpace] | None = None, ratio:
     if spaces is None:
         spaces = channel_spaces(model)
     exclude = set(exclude)
-    eligible = [s for s in spaces if s.prunable and s.size and s.size >= round_to and not _excluded(s, exclude)]
+    # With a refit, a space read by a layer that cannot be refit (a ConvTranspose) stays whole:
+    # plain slicing there is what broke the OCR detector's head at 30%.
+    eligible = [s for s in spaces if s.prunable and s.size and s.size >= round_to and not _excluded(s, exclude)
+                and not (refit != "none" and s.sliced)]
     scores = {s.key: _normalised(channel_importance(s, importance, stats, refit)) for s in eligible}
     if scope == "layer":
         removed = {s.key: math.floor(ratio * s.size + 1e-9) for s in eligible}
@@ -94,8 +97,16 @@ def plan_channels(model: Model, spaces: list[ChannelSpace] | None = None, ratio:
 
 def kept_count(size: int, wanted: int, round_to: int = 8) -> int:
     """`wanted` rounded to the nearest multiple of `round_to` (halves up), at least `round_to`,
-    at most `size`: the share removed stays close to the one asked for, on average."""
-    return min(size, max(round_to, math.floor(wanted / round_to + 0.5) * round_to))
+    at most `size`, so the share removed stays close to the one asked for; but rounded up
+    when the nearest would remove over OVERSHOOT times what was asked (a 24-channel space at
+    20% would lose a third: that broke the OCR detector)."""
+    nearest = min(size, max(round_to, math.floor(wanted / round_to + 0.5) * round_to))
+    if size - nearest > OVERSHOOT * (size - wanted):
+        return min(size, max(round_to, -(-wanted // round_to) * round_to))
+    return nearest
+
+
+OVERSHOOT = 1.5
 
 
 def channel_importance(space: ChannelSpace, importance: str = "l1",

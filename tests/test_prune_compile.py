@@ -18,12 +18,12 @@ from compiler.verify import VerificationError
 
 
 def convnet() -> onnx.ModelProto:
-    """Conv(3->32) -> Relu -> Conv(32->32) -> Relu -> GlobalAveragePool -> Flatten -> Gemm(32->10):
-    wide enough that 25% of a space is a multiple of 8."""
+    """Conv(3->64) -> Relu -> Conv(64->64) -> Relu -> GlobalAveragePool -> Flatten -> Gemm(64->10):
+    wide enough that 25% of a space is a multiple of 16."""
     rng = np.random.default_rng(1)
 
-    def init(name, *shape):
-        return numpy_helper.from_array((rng.standard_normal(shape) * 0.3).astype(np.float32), name)
+    def init(name, *shape, scale=0.3):
+        return numpy_helper.from_array((rng.standard_normal(shape) * scale).astype(np.float32), name)
 
     nodes = [
         helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
@@ -37,8 +37,8 @@ def convnet() -> onnx.ModelProto:
     graph = helper.make_graph(
         nodes, "convnet", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 12, 12])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 10])],
-        [init("w1", 32, 3, 3, 3), init("b1", 32), init("w2", 32, 32, 3, 3), init("b2", 32),
-         init("w3", 10, 32), init("b3", 10)])
+        [init("w1", 64, 3, 3, 3), init("b1", 64), init("w2", 64, 64, 3, 3, scale=0.1), init("b2", 64),
+         init("w3", 10, 64), init("b3", 10)])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     return model
@@ -74,15 +74,15 @@ def weight(result, node_name: str) -> np.ndarray:
 def test_unstructured_pruning_reports_sparsity_and_sizes_plain_and_zipped():
     result = compiler.compile(convnet(), prune=0.5, min_cosine=0.0)
     # first and last layers are left whole by default; conv2 is pruned to exactly half
-    assert np.count_nonzero(weight(result, "conv1")) == 32 * 27
-    assert np.count_nonzero(weight(result, "conv2") == 0) == 32 * 32 * 9 // 2
+    assert np.count_nonzero(weight(result, "conv1")) == 64 * 27
+    assert np.count_nonzero(weight(result, "conv2") == 0) == 64 * 64 * 9 // 2
     report = result.report
     prune = next(r for r in report.records if r.name == "prune-weights")
     assert prune.log.by_kind()["prune"] == 1
     data = result.model.SerializeToString()
     assert report.file_size_after == (len(data), len(zlib.compress(data, 6)))
     assert report.file_size_after[1] < report.file_size_before[1]  # zeros zip well
-    assert "; weights 44.3% zero (3 tensors); file " in report.headline()
+    assert "; weights 47.0% zero (3 tensors); file " in report.headline()
 
 
 def test_sparse_storage_makes_the_file_smaller_and_keeps_the_numbers():
@@ -95,11 +95,11 @@ def test_sparse_storage_makes_the_file_smaller_and_keeps_the_numbers():
 
 def test_channel_pruning_refits_on_calibration_data_and_verifies_on_held_out_feeds(calib):
     result = compiler.compile(convnet(), prune=0.25, prune_mode="channel", calibration=calib, min_cosine=0.9)
-    assert weight(result, "conv1").shape == (24, 3, 3, 3)
-    assert weight(result, "conv2").shape == (24, 24, 3, 3)
-    assert weight(result, "fc").shape == (10, 24)
+    assert weight(result, "conv1").shape == (48, 3, 3, 3)
+    assert weight(result, "conv2").shape == (48, 48, 3, 3)
+    assert weight(result, "fc").shape == (10, 48)
     assert result.report.verification.feeds == 4  # 20 feeds // 5 held out
-    assert "; channels 64 -> 48 in 2 spaces; " in result.report.headline()
+    assert "; channels 128 -> 96 in 2 spaces; " in result.report.headline()
     no_refit = compiler.compile(convnet(), prune=0.25, prune_mode="channel", calibration=calib,
                                 refit="none", min_cosine=0.0)
     assert result.report.verification.outputs[0].cosine > no_refit.report.verification.outputs[0].cosine
@@ -122,7 +122,7 @@ def test_pruning_over_the_cosine_budget_fails(calib):
     (dict(prune=0.5, prune_mode="4:8"), "unknown pruning mode '4:8' (choose from: unstructured, 2:4, channel)"),
     (dict(prune=0.5, refit="lstsq"),
      "refit, importance and channel multiple apply to channel pruning (--prune-mode channel)"),
-    (dict(prune=0.5, prune_multiple=16),
+    (dict(prune=0.5, prune_multiple=8),
      "refit, importance and channel multiple apply to channel pruning (--prune-mode channel)"),
     (dict(prune=0.5, prune_mode="channel", refit="exact"), "unknown refit 'exact' (choose from: lstsq, bias, none)"),
     (dict(sparse_storage=True), "sparse_storage stores pruned weights: it needs prune"),
@@ -151,7 +151,7 @@ def test_cli_prunes_channels_and_prints_what_went(model_file, calib, tmp_path, c
     assert main(["compile", str(model_file), "-o", str(out), "--prune", "0.25", "--prune-mode", "channel",
                  "--calib", str(calib), "--min-cosine", "0.9"]) == 0
     printed = capsys.readouterr().out
-    assert "channels 64 -> 48 in 2 spaces" in printed and f"wrote {out}" in printed
+    assert "channels 128 -> 96 in 2 spaces" in printed and f"wrote {out}" in printed
     assert out.stat().st_size < model_file.stat().st_size * 0.7
 
 
