@@ -277,6 +277,7 @@ def _replace(rw: Rewriter, model: Model, value: Value, array: np.ndarray) -> boo
     if after <= before:
         return False
     graph = model.graph
+    _note(rw, "match", f"%{value.name}", "")  # one rewrite per pruned tensor, as rules count them
     new = rw.add_initializer(graph, _pruned_name(value.name), array.astype(old.dtype, copy=False))
     for node, index in value.uses:
         rw.set_input(node, index, new)

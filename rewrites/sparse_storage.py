@@ -19,7 +19,7 @@ from onnx import SparseTensorProto, TensorProto, numpy_helper
 
 from ir import Model, ProtoTensor, SparseTensor, Value
 
-from .base import ChangeLog, Pass, PassResult, Rewriter
+from .base import Change, ChangeLog, Pass, PassResult, Rewriter
 
 FLOATS = (TensorProto.FLOAT16, TensorProto.FLOAT, TensorProto.DOUBLE)
 INDEX_BYTES = 8  # int64
@@ -70,6 +70,7 @@ def _store(rw: Rewriter, value: Value) -> bool:
     if source is not None and source.doc_string:
         proto.values.doc_string = source.doc_string
     # Same value, other storage: readers, name and value_info stay as they are.
+    rw.log.record(Change(rw.rule, "match", f"%{value.name}", ""))  # one rewrite per tensor stored
     rw.set_tensor(value, SparseTensor(proto, ProtoTensor(proto.values), ProtoTensor(proto.indices)),
                   f"sparse: {before} -> {after} bytes, {keep.size} of {flat.size} nonzero")
     return True

@@ -78,7 +78,7 @@ def test_unstructured_pruning_reports_sparsity_and_sizes_plain_and_zipped():
     assert np.count_nonzero(weight(result, "conv2") == 0) == 64 * 64 * 9 // 2
     report = result.report
     prune = next(r for r in report.records if r.name == "prune-weights")
-    assert prune.log.by_kind()["prune"] == 1
+    assert prune.log.by_kind()["prune"] == 1 and prune.log.by_rule() == {"prune-weights": 1}
     data = result.model.SerializeToString()
     assert report.file_size_after == (len(data), len(zlib.compress(data, 6)))
     assert report.file_size_after[1] < report.file_size_before[1]  # zeros zip well
@@ -89,6 +89,8 @@ def test_sparse_storage_makes_the_file_smaller_and_keeps_the_numbers():
     dense = compiler.compile(convnet(), prune=0.9, prune_first_last=True, min_cosine=0.0)
     sparse = compiler.compile(convnet(), prune=0.9, prune_first_last=True, min_cosine=0.0, sparse_storage=True)
     assert len(sparse.model.graph.sparse_initializer) == 3
+    store = next(r for r in sparse.report.records if r.name == "store-sparse")
+    assert store.log.by_rule() == {"store-sparse": 3}  # the summary table counts them
     assert sparse.report.file_size_after[0] < 0.4 * dense.report.file_size_after[0]
     assert sparse.report.verification.worst() == dense.report.verification.worst()
 
