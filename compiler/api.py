@@ -28,6 +28,7 @@ from .instruments import DebugDump, VerifyEachPass
 from .pass_manager import PassManager, count_nodes, param_bytes
 from .pipeline import get_pipeline
 from .prune import model_size, prune_passes, pruning_summary
+from .sensitivity import Sensitivity
 from .report import CompileReport
 from .verify import EXACT, Tolerance, VerificationError, compare, run, runnable
 
@@ -76,7 +77,7 @@ def compile(model, *, pipeline: str | Sequence[Pass] = "default", pipeline_optio
             prune: float | None = None, prune_mode: str = "unstructured", prune_scope: str = "layer",
             prune_importance: str | None = None, refit: str | None = None, prune_exclude: Sequence[str] = (),
             prune_first_last: bool = False, prune_multiple: int = 16, sparse_storage: bool = False,
-            progress=None) -> CompileResult:
+            sensitivity: bool = False, progress=None) -> CompileResult:
     """Compile `model` (a path, bytes, `onnx.ModelProto` or `onnx_graphsurgeon.Graph`; the
     caller's object is never modified) through `pipeline` (a name, with `pipeline_options`
     for its function in compiler/pipeline.py, or a list of passes), then check the result
@@ -103,7 +104,13 @@ def compile(model, *, pipeline: str | Sequence[Pass] = "default", pipeline_optio
     default "activation" and "lstsq" with `calibration` data, else "l1" and "none"; kept
     counts are multiples of `prune_multiple`). `prune_exclude` names nodes or op
     types to leave whole; the first and last layers are left whole unless `prune_first_last`.
-    A pruned model is held to `min_cosine` like a quantized one."""
+    A pruned model is held to `min_cosine` like a quantized one.
+
+    `sensitivity=True` (with `quantize`) measures, on the verification feeds, each quantized
+    node's cost: the outputs' worst cosine and SQNR with only that node quantized, and with
+    all but it (`report.sensitivity`, ranked). `progress(done, total)` is called as
+    calibration feeds are read, and `progress(done, total, "sensitivity")` as nodes are
+    measured."""
     source = _as_source(model)
     ir_model = ir.load(source)
     notes = []
@@ -136,10 +143,17 @@ def compile(model, *, pipeline: str | Sequence[Pass] = "default", pipeline_optio
         tolerance = quantize_tolerance(min_cosine)
     if sparse_storage:
         passes.append(StoreSparse())
+    if sensitivity and quantize is None:
+        raise CompileError("sensitivity analysis is of quantization: it needs quantize='int8'")
+    if sensitivity:
+        if calib is None:
+            raise CompileError("sensitivity analysis needs calibration data (it ranges the tensors each "
+                               "variant quantizes), not only a calibration table")
+        calibrate.node_variants = True
     shapes = parse_input_shapes(input_shapes) if _is_spec_list(input_shapes) else \
         {k: tuple(v) for k, v in (input_shapes or {}).items()}  # parsed even unused: bad flags fail
     reference = []
-    if verify or verify_each_pass:
+    if verify or verify_each_pass or sensitivity:
         if feeds is not None:
             feeds = [as_feed(f) for f in feeds]
         elif verify_data is not None:
@@ -155,10 +169,14 @@ def compile(model, *, pipeline: str | Sequence[Pass] = "default", pipeline_optio
         instruments.append(DebugDump(debug_dump))
     if verify_each_pass:
         instruments.append(VerifyEachPass(feeds, reference, EXACT, lossy_tolerance=tolerance))
+    analysis = Sensitivity(calibrate.insert, feeds, reference, progress) if sensitivity else None
+    instruments += [analysis] if analysis is not None else []
     if prune is not None:
         report.file_size_before = model_size(ir_model)
     report.records = PassManager(passes, instruments).run(ir_model)
     report.nodes_after, report.param_bytes_after = count_nodes(ir_model), param_bytes(ir_model)
+    if analysis is not None:
+        report.sensitivity = analysis.results
     if prune is not None:
         report.pruning = pruning_summary(ir_model, report.records)
         report.file_size_after = model_size(ir_model)

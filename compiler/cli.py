@@ -99,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(off: they stay float)")
     q.add_argument("--per-tensor-weights", action="store_true",
                    help="one scale per weight tensor instead of per output channel (needed below opset 13)")
+    q.add_argument("--sensitivity", action="store_true",
+                   help="rank the quantized nodes by what quantizing each costs the outputs (alone, and all "
+                        "but it), on the verification feeds; printed after the pass table")
     q.add_argument("--min-cosine", type=float, default=0.99, metavar="C",
                    help="fail when an output's cosine with the float model falls below C (default: %(default)s)")
     p = c.add_argument_group("pruning (after the pipeline, before quantizing)")
@@ -190,9 +193,11 @@ def _compile(args) -> int:
     if args.quantize:
         lossy.update(quantize=args.quantize, calibration_table=args.calibration_table,
                      calibration_method=args.calib_method, exclude=args.exclude,
-                     per_channel=not args.per_tensor_weights, integer_depthwise=args.integer_depthwise)
-    elif args.calibration_table or args.save_calibration or args.exclude:
-        raise CompileError("--calibration-table, --save-calibration and --exclude need --quantize int8")
+                     per_channel=not args.per_tensor_weights, integer_depthwise=args.integer_depthwise,
+                     sensitivity=args.sensitivity)
+    elif args.calibration_table or args.save_calibration or args.exclude or args.sensitivity:
+        raise CompileError("--calibration-table, --save-calibration, --exclude and --sensitivity need "
+                           "--quantize int8")
     if args.prune is not None:
         lossy.update(prune=args.prune, prune_mode=args.prune_mode, prune_scope=args.prune_scope,
                      prune_importance=args.prune_importance, refit=args.refit, prune_exclude=args.prune_exclude,
@@ -245,14 +250,16 @@ def _floats(text: str) -> list[float]:
 
 
 def _progress():
-    """A one-line progress counter for calibration, on a terminal only."""
+    """A one-line progress counter for calibration (feeds) and sensitivity analysis (nodes),
+    on a terminal only."""
     if not sys.stderr.isatty():
         return None
 
-    def show(done: int, total: int | None) -> None:
+    def show(done: int, total: int | None, stage: str = "calibrating") -> None:
         of = f"/{total}" if total else ""
+        unit = "nodes" if stage == "sensitivity" else "feeds"
         end = "\n" if total and done == total else ""
-        print(f"\rcalibrating: {done}{of} feeds", end=end, file=sys.stderr, flush=True)
+        print(f"\r{stage}: {done}{of} {unit}", end=end, file=sys.stderr, flush=True)
 
     return show
 

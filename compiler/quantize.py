@@ -108,6 +108,9 @@ class Calibrate(Pass):
     table: CalibrationTable | None = None
     input_shapes: dict | None = None  # tensors are sized at these (recorded in the table)
     progress: Callable[[int, int | None], None] | None = None
+    # Also range what quantizing one planned node alone, or all but one, needs (the
+    # sensitivity analysis quantizes those variants: excluding a Relu unabsorbs its input).
+    node_variants: bool = False
     feeds_used: int = field(default=0, init=False)
 
     def run(self, model: Model) -> PassResult:
@@ -118,6 +121,8 @@ class Calibrate(Pass):
                                "table (--calibration-table FILE)")
         target = self.insert.target if self.insert is not None else ORT_CPU
         wanted = plan(model, target, exclude=self.exclude, input_shapes=self.input_shapes).activations
+        if self.node_variants:
+            wanted = self._variant_tensors(model, target, wanted)
         if self.table is None:
             observers = {name: MinMaxObserver() if self.method == "minmax" else HistogramObserver()
                          for name in wanted}
@@ -143,3 +148,14 @@ class Calibrate(Pass):
                               f"{entry.method} range [{entry.range[0]:.6g}, {entry.range[1]:.6g}], "
                               f"scale {float(p.scale):.6g}, zero point {int(p.zero_point)} {p.dtype}"))
         return PassResult(False, log)
+
+    def _variant_tensors(self, model: Model, target, wanted: list[str]) -> list[str]:
+        nodes = plan(model, target, exclude=self.exclude, input_shapes=self.input_shapes).nodes
+        out = list(wanted)
+        seen = set(out)
+        for name in nodes:
+            for excluded in ((name,), tuple(n for n in nodes if n != name)):
+                variant = plan(model, target, exclude=self.exclude + excluded, input_shapes=self.input_shapes)
+                out += [t for t in variant.activations if t not in seen]
+                seen.update(variant.activations)
+        return out

@@ -8,6 +8,7 @@ from ir.printer import format_bytes
 
 from .pass_manager import PassRecord
 from .quantize import IntegerKernels
+from .sensitivity import NodeSensitivity, sensitivity_table
 from .verify import Verification
 
 
@@ -25,6 +26,7 @@ class CompileReport:
     pruning: str | None = None  # when pruning: what went (sparsity or channels)
     file_size_before: tuple[int, int] | None = None  # when pruning: (bytes, zipped bytes) as one file
     file_size_after: tuple[int, int] | None = None
+    sensitivity: list[NodeSensitivity] | None = None  # when asked: each quantized node's cost, ranked
 
     def rewrites_by_rule(self) -> dict[str, int]:
         total: dict[str, int] = {}
@@ -52,7 +54,11 @@ class CompileReport:
         return line
 
     def __str__(self) -> str:
-        return self.headline() + "\n" + summary_table(self.records)
+        text = self.headline() + "\n" + summary_table(self.records)
+        if self.sensitivity is not None:
+            text += ("\nquantization sensitivity (worst output vs the float model; most harmful alone "
+                     "first):\n" + sensitivity_table(self.sensitivity))
+        return text
 
 
 def summary_table(records: list[PassRecord]) -> str:

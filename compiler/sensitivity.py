@@ -1,0 +1,87 @@
+"""Quantization sensitivity: which quantized nodes cost the accuracy. An instrument, not a
+pass: just before the quantize pass runs, it quantizes copies of the model with one node
+alone, and with every node but that one, runs each in onnxruntime on the verification feeds
+and compares the outputs with the float model's."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable
+
+import ir
+from ir import Model
+from rewrites.cleanup import DeadCodeElimination
+from rewrites.qdq import InsertQDQ, plan
+
+from .pass_manager import Instrument, PassRecord
+from .verify import Tolerance, compare, run, runnable
+
+_ANY = Tolerance(rtol=float("inf"), atol=float("inf"))
+
+
+@dataclass(frozen=True)
+class Error:
+    """The worst output of a model against the float one."""
+
+    cosine: float
+    sqnr_db: float
+
+
+@dataclass(frozen=True)
+class NodeSensitivity:
+    node: str
+    op: str
+    alone: Error  # only this node quantized
+    without: Error  # every planned node but this one quantized
+
+
+class Sensitivity(Instrument):
+    """Measures, before `insert` runs, the output error of quantizing each node it would
+    quantize; `results` is ranked, most harmful alone first."""
+
+    def __init__(self, insert: InsertQDQ, feeds: list[dict], reference: list[dict],
+                 progress: Callable[[int, int | None, str], None] | None = None):
+        self.insert, self.feeds, self.reference, self.progress = insert, feeds, reference, progress
+        self.results: list[NodeSensitivity] = []
+
+    def before_pass(self, record: PassRecord, model: Model) -> None:
+        if record.name != self.insert.name:
+            return
+        ops = {n.name: n.op_type for n in model.graph.nodes}
+        nodes = plan(model, self.insert.target, self.insert.exclude, self.insert.input_shapes).nodes
+        scratch = Path(tempfile.mkdtemp(prefix="onnxcc-sensitivity-"))
+        try:
+            results = []
+            for i, name in enumerate(nodes):
+                others = tuple(n for n in nodes if n != name)
+                results.append(NodeSensitivity(name, ops.get(name, "?"), self._error(model, others, scratch),
+                                               self._error(model, (name,), scratch)))
+                if self.progress is not None:
+                    self.progress(i + 1, len(nodes), "sensitivity")
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        self.results = sorted(results, key=lambda r: (r.alone.cosine, r.alone.sqnr_db))
+
+    def _error(self, model: Model, exclude: tuple[str, ...], scratch: Path) -> Error:
+        copy = ir.load(ir.to_proto(model))  # quantized apart: the pipeline's model is untouched
+        replace(self.insert, exclude=tuple(self.insert.exclude) + exclude).run(copy)
+        DeadCodeElimination().run(copy)
+        outputs = run(runnable(copy, scratch), self.feeds, "a sensitivity model")
+        diffs = compare(self.reference, outputs, _ANY).outputs
+        return Error(min(d.cosine for d in diffs), min(d.sqnr_db for d in diffs))
+
+
+def sensitivity_table(results: list[NodeSensitivity], most: int | None = None) -> str:
+    """The ranked table of the report: worst output cosine and SQNR per node, alone and
+    all-but-it."""
+    rows = [("node", "op", "cosine alone", "SQNR alone", "cosine without", "SQNR without")]
+    for r in results[:most]:
+        rows.append((r.node, r.op, f"{r.alone.cosine:.6f}", f"{r.alone.sqnr_db:.1f} dB",
+                     f"{r.without.cosine:.6f}", f"{r.without.sqnr_db:.1f} dB"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,101 @@
+"""Quantization sensitivity (compiler/sensitivity.py): each quantized node's cost alone and
+all-but-it, ranked, measured without changing the compiled model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import compiler
+from compiler.cli import main
+from compiler.errors import CompileError
+
+TINY = Path(__file__).resolve().parent.parent / "fixtures" / "tiny_cnn.onnx"
+
+
+def feeds(n: int = 12) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(0)
+    return [{"x": rng.standard_normal((1, 3, 16, 16)).astype(np.float32)} for _ in range(n)]
+
+
+def two_branches() -> onnx.ModelProto:
+    """y1 = MatMul(a, W1) where a's feature 0 is huge but W1 ignores it: quantizing `a` to
+    uint8 drowns the features that matter. y2 = MatMul(b, W2) on plain data."""
+    rng = np.random.default_rng(3)
+    w1 = rng.standard_normal((16, 8)).astype(np.float32)
+    w1[0] = 0
+    w2 = rng.standard_normal((16, 8)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["a", "w1"], ["y1"], name="outlier_mm"),
+         helper.make_node("MatMul", ["b", "w2"], ["y2"], name="plain_mm")],
+        "two", [helper.make_tensor_value_info("a", TensorProto.FLOAT, [4, 16]),
+                helper.make_tensor_value_info("b", TensorProto.FLOAT, [4, 16])],
+        [helper.make_tensor_value_info("y1", TensorProto.FLOAT, [4, 8]),
+         helper.make_tensor_value_info("y2", TensorProto.FLOAT, [4, 8])],
+        [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def outlier_feeds(n: int = 12) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(4)
+    out = []
+    for _ in range(n):
+        a = rng.standard_normal((4, 16)).astype(np.float32)
+        a[:, 0] *= 1000
+        out.append({"a": a, "b": rng.standard_normal((4, 16)).astype(np.float32)})
+    return out
+
+
+def test_the_node_that_ruins_accuracy_ranks_first():
+    result = compiler.compile(two_branches(), quantize="int8", calibration=outlier_feeds(), sensitivity=True,
+                              min_cosine=0.0)
+    ranked = result.report.sensitivity
+    assert [(r.node, r.op) for r in ranked] == [("outlier_mm", "MatMul"), ("plain_mm", "MatMul")]
+    assert ranked[0].alone.cosine < 0.95 < 0.999 < ranked[1].alone.cosine
+    # all but the harmful node quantized: only the harmless one left, so the outputs stay close
+    assert ranked[0].without.cosine > 0.999 and ranked[1].without.cosine < 0.95
+    text = str(result.report)
+    assert "quantization sensitivity (worst output vs the float model; most harmful alone first):" in text
+    assert text.index("outlier_mm") < text.index("plain_mm", text.index("quantization sensitivity"))
+
+
+def test_the_analysis_leaves_the_compiled_model_as_it_was():
+    plain = compiler.compile(str(TINY), quantize="int8", calibration=feeds())
+    calls = []
+    analysed = compiler.compile(str(TINY), quantize="int8", calibration=feeds(), sensitivity=True,
+                                progress=lambda *args: calls.append(args))
+    assert analysed.model.SerializeToString() == plain.model.SerializeToString()
+    assert [c for c in calls if c[2:] == ("sensitivity",)] == [(i, 8, "sensitivity") for i in range(1, 9)]
+    rows = analysed.report.sensitivity
+    assert sorted(r.node for r in rows) == ["conv1", "conv2", "fc", "flatten", "gap", "pool1", "relu1", "relu2"]
+    assert [r.alone.cosine for r in rows] == sorted(r.alone.cosine for r in rows)
+    assert plain.report.sensitivity is None
+
+
+def test_sensitivity_needs_quantization_and_calibration_data(tmp_path):
+    with pytest.raises(CompileError, match=r"^sensitivity analysis is of quantization: it needs quantize='int8'$"):
+        compiler.compile(str(TINY), sensitivity=True)
+    table = tmp_path / "t.json"
+    compiler.compile(str(TINY), quantize="int8", calibration=feeds()).calibration_table.save(table)
+    with pytest.raises(CompileError, match=r"^sensitivity analysis needs calibration data"):
+        compiler.compile(str(TINY), quantize="int8", calibration_table=table, sensitivity=True)
+
+
+def test_cli_prints_the_ranked_table(tmp_path, capsys):
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    for i, feed in enumerate(feeds()):
+        np.savez(calib / f"{i:02d}.npz", **feed)
+    assert main(["compile", str(TINY), "-o", str(tmp_path / "q.onnx"), "--quantize", "int8", "--calib", str(calib),
+                 "--sensitivity"]) == 0
+    printed = capsys.readouterr().out
+    assert "node     op                 cosine alone  SQNR alone  cosine without  SQNR without" in printed
+    assert main(["compile", str(TINY), "-o", str(tmp_path / "o.onnx"), "--sensitivity"]) == 2
+    assert capsys.readouterr().err == ("onnxcc: error: --calibration-table, --save-calibration, --exclude and "
+                                       "--sensitivity need --quantize int8\n")
