@@ -28,6 +28,7 @@ from .instruments import DebugDump, VerifyEachPass
 from .pass_manager import PassManager, count_nodes, param_bytes
 from .pipeline import get_pipeline
 from .prune import model_size, prune_passes, pruning_summary
+from .fallback import BudgetedQuantize
 from .sensitivity import Sensitivity
 from .report import CompileReport
 from .verify import EXACT, Tolerance, VerificationError, compare, run, runnable
@@ -77,7 +78,8 @@ def compile(model, *, pipeline: str | Sequence[Pass] = "default", pipeline_optio
             prune: float | None = None, prune_mode: str = "unstructured", prune_scope: str = "layer",
             prune_importance: str | None = None, refit: str | None = None, prune_exclude: Sequence[str] = (),
             prune_first_last: bool = False, prune_multiple: int = 16, sparse_storage: bool = False,
-            sensitivity: bool = False, progress=None) -> CompileResult:
+            sensitivity: bool = False, accuracy_budget: float | None = None, accuracy_metric=None,
+            progress=None) -> CompileResult:
     """Compile `model` (a path, bytes, `onnx.ModelProto` or `onnx_graphsurgeon.Graph`; the
     caller's object is never modified) through `pipeline` (a name, with `pipeline_options`
     for its function in compiler/pipeline.py, or a list of passes), then check the result
@@ -108,7 +110,12 @@ def compile(model, *, pipeline: str | Sequence[Pass] = "default", pipeline_optio
 
     `sensitivity=True` (with `quantize`) measures, on the verification feeds, each quantized
     node's cost: the outputs' worst cosine and SQNR with only that node quantized, and with
-    all but it (`report.sensitivity`, ranked). `progress(done, total)` is called as
+    all but it (`report.sensitivity`, ranked). `accuracy_budget` (with `quantize`) keeps the
+    most sensitive nodes in float, one more at a time, until the metric drops at most that
+    much from the float model's: the outputs' worst cosine on the verification feeds, or
+    `accuracy_metric(model)` (bytes or a path onnxruntime loads; higher is better) on the
+    user's own data; every step's metric and one-thread latency is in `report.fallback`.
+    `progress(done, total)` is called as
     calibration feeds are read, and `progress(done, total, "sensitivity")` as nodes are
     measured."""
     source = _as_source(model)
@@ -145,15 +152,24 @@ def compile(model, *, pipeline: str | Sequence[Pass] = "default", pipeline_optio
         passes.append(StoreSparse())
     if sensitivity and quantize is None:
         raise CompileError("sensitivity analysis is of quantization: it needs quantize='int8'")
-    if sensitivity:
+    budgeted = None
+    if accuracy_budget is not None:
+        if quantize is None:
+            raise CompileError("an accuracy budget is for quantization: it needs quantize='int8'")
+        budgeted = BudgetedQuantize(insert=calibrate.insert, budget=accuracy_budget, metric=accuracy_metric,
+                                    progress=progress)
+        passes[passes.index(calibrate.insert)] = budgeted
+        if accuracy_metric is None:  # the budget is the cosine's: verification holds it too
+            tolerance = quantize_tolerance(min(min_cosine, 1.0 - accuracy_budget))
+    if sensitivity or budgeted is not None:
         if calib is None:
-            raise CompileError("sensitivity analysis needs calibration data (it ranges the tensors each "
-                               "variant quantizes), not only a calibration table")
+            raise CompileError("sensitivity analysis and accuracy budgets need calibration data (they "
+                               "range the tensors each variant quantizes), not only a calibration table")
         calibrate.node_variants = True
     shapes = parse_input_shapes(input_shapes) if _is_spec_list(input_shapes) else \
         {k: tuple(v) for k, v in (input_shapes or {}).items()}  # parsed even unused: bad flags fail
     reference = []
-    if verify or verify_each_pass or sensitivity:
+    if verify or verify_each_pass or sensitivity or budgeted is not None:
         if feeds is not None:
             feeds = [as_feed(f) for f in feeds]
         elif verify_data is not None:
@@ -169,6 +185,8 @@ def compile(model, *, pipeline: str | Sequence[Pass] = "default", pipeline_optio
         instruments.append(DebugDump(debug_dump))
     if verify_each_pass:
         instruments.append(VerifyEachPass(feeds, reference, EXACT, lossy_tolerance=tolerance))
+    if budgeted is not None:
+        budgeted.feeds, budgeted.reference = feeds, reference
     analysis = Sensitivity(calibrate.insert, feeds, reference, progress) if sensitivity else None
     instruments += [analysis] if analysis is not None else []
     if prune is not None:
@@ -177,6 +195,8 @@ def compile(model, *, pipeline: str | Sequence[Pass] = "default", pipeline_optio
     report.nodes_after, report.param_bytes_after = count_nodes(ir_model), param_bytes(ir_model)
     if analysis is not None:
         report.sensitivity = analysis.results
+    if budgeted is not None:
+        report.fallback = budgeted.steps
     if prune is not None:
         report.pruning = pruning_summary(ir_model, report.records)
         report.file_size_after = model_size(ir_model)

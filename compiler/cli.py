@@ -102,6 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--sensitivity", action="store_true",
                    help="rank the quantized nodes by what quantizing each costs the outputs (alone, and all "
                         "but it), on the verification feeds; printed after the pass table")
+    q.add_argument("--accuracy-budget", type=float, metavar="DROP",
+                   help="keep the most sensitive nodes in float, one at a time, until the outputs' cosine with "
+                        "the float model drops by at most DROP (e.g. 0.005); prints each step's cosine and "
+                        "one-thread latency")
     q.add_argument("--min-cosine", type=float, default=0.99, metavar="C",
                    help="fail when an output's cosine with the float model falls below C (default: %(default)s)")
     p = c.add_argument_group("pruning (after the pipeline, before quantizing)")
@@ -194,10 +198,11 @@ def _compile(args) -> int:
         lossy.update(quantize=args.quantize, calibration_table=args.calibration_table,
                      calibration_method=args.calib_method, exclude=args.exclude,
                      per_channel=not args.per_tensor_weights, integer_depthwise=args.integer_depthwise,
-                     sensitivity=args.sensitivity)
-    elif args.calibration_table or args.save_calibration or args.exclude or args.sensitivity:
-        raise CompileError("--calibration-table, --save-calibration, --exclude and --sensitivity need "
-                           "--quantize int8")
+                     sensitivity=args.sensitivity, accuracy_budget=args.accuracy_budget)
+    elif (args.calibration_table or args.save_calibration or args.exclude or args.sensitivity
+          or args.accuracy_budget is not None):
+        raise CompileError("--calibration-table, --save-calibration, --exclude, --sensitivity and "
+                           "--accuracy-budget need --quantize int8")
     if args.prune is not None:
         lossy.update(prune=args.prune, prune_mode=args.prune_mode, prune_scope=args.prune_scope,
                      prune_importance=args.prune_importance, refit=args.refit, prune_exclude=args.prune_exclude,

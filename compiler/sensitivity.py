@@ -66,12 +66,22 @@ class Sensitivity(Instrument):
         self.results = sorted(results, key=lambda r: (r.alone.cosine, r.alone.sqnr_db))
 
     def _error(self, model: Model, exclude: tuple[str, ...], scratch: Path) -> Error:
-        copy = ir.load(ir.to_proto(model))  # quantized apart: the pipeline's model is untouched
-        replace(self.insert, exclude=tuple(self.insert.exclude) + exclude).run(copy)
-        DeadCodeElimination().run(copy)
-        outputs = run(runnable(copy, scratch), self.feeds, "a sensitivity model")
-        diffs = compare(self.reference, outputs, _ANY).outputs
-        return Error(min(d.cosine for d in diffs), min(d.sqnr_db for d in diffs))
+        variant = quantized_variant(model, self.insert, exclude, scratch)
+        return worst_error(self.reference, run(variant, self.feeds, "a sensitivity model"))
+
+
+def quantized_variant(model: Model, insert: InsertQDQ, exclude: tuple[str, ...], scratch: Path):
+    """A copy of `model` quantized by `insert` with `exclude` kept float too, as onnxruntime
+    loads it (bytes, or a file under `scratch`); `model` itself is untouched."""
+    copy = ir.load(ir.to_proto(model))
+    replace(insert, exclude=tuple(insert.exclude) + tuple(exclude)).run(copy)
+    DeadCodeElimination().run(copy)
+    return runnable(copy, scratch)
+
+
+def worst_error(reference: list[dict], outputs: list[dict]) -> Error:
+    diffs = compare(reference, outputs, _ANY).outputs
+    return Error(min(d.cosine for d in diffs), min(d.sqnr_db for d in diffs))
 
 
 def sensitivity_table(results: list[NodeSensitivity], most: int | None = None) -> str:

@@ -282,7 +282,7 @@ def test_compile_help_lists_every_flag_and_the_examples(capsys):
              "--freeze-inputs", "--quantize", "--calib", "--calib-preprocess", "--image-size", "--image-layout",
              "--image-channels", "--image-scale", "--image-mean", "--image-std", "--image-fit",
              "--calib-method", "--calib-samples", "--exclude",
-             "--save-calibration", "--calibration-table", "--integer-depthwise", "--per-tensor-weights", "--sensitivity", "--min-cosine",
+             "--save-calibration", "--calibration-table", "--integer-depthwise", "--per-tensor-weights", "--sensitivity", "--accuracy-budget", "--min-cosine",
              "--prune", "--prune-mode", "--prune-scope", "--prune-importance", "--refit", "--prune-multiple", "--prune-exclude",
              "--prune-first-last", "--sparse-storage", "--debug-dump", "--no-verify",
              "--verify-each-pass", "--verify-data", "--input-shape", "--traceback"]

@@ -110,8 +110,8 @@ def test_cli_calibration_flags_need_quantize(calib, tmp_path, capsys):
     assert main(["compile", str(TINY), "-o", str(tmp_path / "o.onnx"), "--image-scale", "0.5"]) == 2
     assert "need --quantize int8 or --prune" in capsys.readouterr().err
     assert main(["compile", str(TINY), "-o", str(tmp_path / "o.onnx"), "--exclude", "Conv"]) == 2
-    assert capsys.readouterr().err == ("onnxcc: error: --calibration-table, --save-calibration, --exclude and "
-                                       "--sensitivity need --quantize int8\n")
+    assert capsys.readouterr().err == ("onnxcc: error: --calibration-table, --save-calibration, --exclude, "
+                                       "--sensitivity and --accuracy-budget need --quantize int8\n")
 
 
 @pytest.fixture

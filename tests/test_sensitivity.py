@@ -83,7 +83,7 @@ def test_sensitivity_needs_quantization_and_calibration_data(tmp_path):
         compiler.compile(str(TINY), sensitivity=True)
     table = tmp_path / "t.json"
     compiler.compile(str(TINY), quantize="int8", calibration=feeds()).calibration_table.save(table)
-    with pytest.raises(CompileError, match=r"^sensitivity analysis needs calibration data"):
+    with pytest.raises(CompileError, match=r"^sensitivity analysis and accuracy budgets need calibration data"):
         compiler.compile(str(TINY), quantize="int8", calibration_table=table, sensitivity=True)
 
 
@@ -97,5 +97,59 @@ def test_cli_prints_the_ranked_table(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "node     op                 cosine alone  SQNR alone  cosine without  SQNR without" in printed
     assert main(["compile", str(TINY), "-o", str(tmp_path / "o.onnx"), "--sensitivity"]) == 2
-    assert capsys.readouterr().err == ("onnxcc: error: --calibration-table, --save-calibration, --exclude and "
-                                       "--sensitivity need --quantize int8\n")
+    assert capsys.readouterr().err == ("onnxcc: error: --calibration-table, --save-calibration, --exclude, "
+                                       "--sensitivity and --accuracy-budget need --quantize int8\n")
+
+
+# -- budgeted float fallback ------------------------------------------------------------------
+
+
+def input_of(model: onnx.ModelProto, node: str) -> str:
+    """The op that produces the first input of `node` ('graph input' for none)."""
+    n = next(n for n in model.graph.node if n.name == node)
+    producer = next((p for p in model.graph.node if n.input[0] in p.output), None)
+    return producer.op_type if producer is not None else "graph input"
+
+
+def test_the_budget_keeps_the_harmful_node_float_and_records_each_step():
+    result = compiler.compile(two_branches(), quantize="int8", calibration=outlier_feeds(), accuracy_budget=0.01)
+    steps = result.report.fallback
+    assert [s.float_nodes for s in steps] == [(), ("outlier_mm",)]
+    assert steps[0].metric < 0.95 and steps[1].metric > 0.99
+    assert all(s.latency_ratio > 0 for s in steps)
+    assert input_of(result.model, "outlier_mm") == "graph input"  # float: no DequantizeLinear before it
+    assert input_of(result.model, "plain_mm") == "DequantizeLinear"
+    assert result.report.verification.ok  # held to the budget's cosine, 0.99
+    text = str(result.report)
+    assert "float fallback (nodes kept float, the metric, one-thread latency vs float):" in text
+    assert "+ outlier_mm" in text
+
+
+def test_a_loose_budget_keeps_everything_quantized():
+    result = compiler.compile(two_branches(), quantize="int8", calibration=outlier_feeds(), accuracy_budget=1.0,
+                              min_cosine=0.0)
+    assert [s.float_nodes for s in result.report.fallback] == [()]
+    assert input_of(result.model, "outlier_mm") == "DequantizeLinear"
+
+
+def test_the_budget_can_hold_a_metric_of_the_users_own():
+    import onnxruntime as ort
+
+    data = outlier_feeds(3)
+    float_y2 = [ort.InferenceSession(two_branches().SerializeToString()).run(["y2"], f)[0] for f in data]
+    seen = []
+
+    def y2_error(model) -> float:  # the user only cares about y2
+        seen.append(type(model).__name__)
+        sess = ort.InferenceSession(str(model) if isinstance(model, Path) else model)
+        return -max(float(np.abs(sess.run(["y2"], f)[0] - ref).max()) for f, ref in zip(data, float_y2))
+
+    result = compiler.compile(two_branches(), quantize="int8", calibration=outlier_feeds(), accuracy_budget=0.5,
+                              accuracy_metric=y2_error, min_cosine=0.0)
+    assert [s.float_nodes for s in result.report.fallback] == [()]  # y1's ruin does not count here
+    assert seen and -0.5 <= result.report.fallback[0].metric < 0
+
+
+def test_an_accuracy_budget_needs_quantization():
+    with pytest.raises(CompileError, match=r"^an accuracy budget is for quantization: it needs quantize='int8'$"):
+        compiler.compile(str(TINY), accuracy_budget=0.01)
