@@ -4,7 +4,6 @@ rules: positive (golden text, change-log counts), negative (Reject reason), equi
 from __future__ import annotations
 
 import numpy as np
-import onnx
 import pytest
 
 import ir
