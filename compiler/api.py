@@ -105,7 +105,8 @@ def compile(model, *, pipeline: str | Sequence[Pass] = "default", pipeline_optio
     (`prune_importance` "l1", "l2" or "activation"; `refit` "lstsq", "bias" or "none"; by
     default "activation" and "lstsq" with `calibration` data, else "l1" and "none"; kept
     counts are multiples of `prune_multiple`). `prune_exclude` names nodes or op
-    types to leave whole; the first and last layers are left whole unless `prune_first_last`.
+    types to leave whole; weight pruning leaves the first and last layers whole unless
+    `prune_first_last`.
     A pruned model is held to `min_cosine` like a quantized one.
 
     `sensitivity=True` (with `quantize`) measures, on the verification feeds, each quantized
@@ -115,9 +116,9 @@ def compile(model, *, pipeline: str | Sequence[Pass] = "default", pipeline_optio
     much from the float model's: the outputs' worst cosine on the verification feeds, or
     `accuracy_metric(model)` (bytes or a path onnxruntime loads; higher is better) on the
     user's own data; every step's metric and one-thread latency is in `report.fallback`.
-    `progress(done, total)` is called as
-    calibration feeds are read, and `progress(done, total, "sensitivity")` as nodes are
-    measured."""
+    `progress(done, total)` is called as calibration feeds are read,
+    `progress(done, total, "sensitivity")` as nodes are measured and `progress(done, total,
+    "fallback")` as fallback steps are tried."""
     source = _as_source(model)
     ir_model = ir.load(source)
     notes = []

@@ -8,16 +8,16 @@ import shutil
 import statistics
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
 from ir import Model
 from rewrites.base import Change, ChangeLog, Pass, PassResult
-from rewrites.qdq import InsertQDQ, plan
+from rewrites.qdq import InsertQDQ
 
 from .errors import CompileError
-from .sensitivity import quantized_variant, worst_error
+from .sensitivity import measure_nodes, quantized_variant, worst_error
 from .verify import run, runnable
 
 Metric = Callable[[bytes | Path], float]  # a model as onnxruntime loads it -> higher is better
@@ -45,7 +45,6 @@ class BudgetedQuantize(Pass):
     metric: Metric | None = None
     progress: Callable | None = None
     steps: list[FallbackStep] = field(default_factory=list, init=False)
-    float_value: float = field(default=1.0, init=False)
 
     def run(self, model: Model) -> PassResult:
         if not self.budget >= 0:
@@ -53,7 +52,7 @@ class BudgetedQuantize(Pass):
         scratch = Path(tempfile.mkdtemp(prefix="onnxcc-fallback-"))
         try:
             float_model = runnable(model, scratch)
-            self.float_value = self._score(float_model)
+            float_value = self._score(float_model)
             float_ms = _latency(float_model, self.feeds[0])
             ranked = self._ranked(model, scratch)
             kept: list[str] = []
@@ -64,15 +63,14 @@ class BudgetedQuantize(Pass):
                 self.steps.append(FallbackStep(tuple(kept), value, _latency(variant, self.feeds[0]) / float_ms))
                 if self.progress is not None:
                     self.progress(k + 1, len(ranked) + 1, "fallback")
-                if self.float_value - value <= self.budget:
+                if float_value - value <= self.budget:
                     break
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
-        if self.float_value - self.steps[-1].metric > self.budget:
+        if float_value - self.steps[-1].metric > self.budget:
             raise CompileError(f"accuracy budget {self.budget:g} not reached even with every quantized node "
-                               f"in float (drop {self.float_value - self.steps[-1].metric:.4g})")
-        self.insert.exclude = tuple(self.insert.exclude) + tuple(kept)
-        result = self.insert.run(model)
+                               f"in float (drop {float_value - self.steps[-1].metric:.4g})")
+        result = replace(self.insert, exclude=tuple(self.insert.exclude) + tuple(kept)).run(model)
         log = ChangeLog()
         for step in self.steps:
             log.record(Change(self.name, "fallback-step", ", ".join(step.float_nodes) or "(none)",
@@ -83,14 +81,9 @@ class BudgetedQuantize(Pass):
 
     def _ranked(self, model: Model, scratch: Path) -> list[str]:
         """Planned nodes, most harmful alone first (by the default cosine metric)."""
-        nodes = plan(model, self.insert.target, self.insert.exclude, self.insert.input_shapes).nodes
-        costs = []
-        for i, name in enumerate(nodes):
-            variant = quantized_variant(model, self.insert, tuple(n for n in nodes if n != name),
-                                        scratch)
-            error = worst_error(self.reference, run(variant, self.feeds, "a fallback model"))
-            costs.append((error.cosine, error.sqnr_db, i))
-        return [nodes[i] for _, _, i in sorted(costs)]
+        ranked = measure_nodes(model, self.insert, self.feeds, self.reference, scratch, without=False,
+                               progress=self.progress)
+        return [r.node for r in ranked]
 
     def _score(self, model) -> float:
         if self.metric is not None:

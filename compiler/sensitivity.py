@@ -35,7 +35,7 @@ class NodeSensitivity:
     node: str
     op: str
     alone: Error  # only this node quantized
-    without: Error  # every planned node but this one quantized
+    without: Error | None  # every planned node but this one quantized (None: not measured)
 
 
 class Sensitivity(Instrument):
@@ -50,24 +50,32 @@ class Sensitivity(Instrument):
     def before_pass(self, record: PassRecord, model: Model) -> None:
         if record.name != self.insert.name:
             return
-        ops = {n.name: n.op_type for n in model.graph.nodes}
-        nodes = plan(model, self.insert.target, self.insert.exclude, self.insert.input_shapes).nodes
         scratch = Path(tempfile.mkdtemp(prefix="onnxcc-sensitivity-"))
         try:
-            results = []
-            for i, name in enumerate(nodes):
-                others = tuple(n for n in nodes if n != name)
-                results.append(NodeSensitivity(name, ops.get(name, "?"), self._error(model, others, scratch),
-                                               self._error(model, (name,), scratch)))
-                if self.progress is not None:
-                    self.progress(i + 1, len(nodes), "sensitivity")
+            self.results = measure_nodes(model, self.insert, self.feeds, self.reference, scratch,
+                                         progress=self.progress)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
-        self.results = sorted(results, key=lambda r: (r.alone.cosine, r.alone.sqnr_db))
 
-    def _error(self, model: Model, exclude: tuple[str, ...], scratch: Path) -> Error:
-        variant = quantized_variant(model, self.insert, exclude, scratch)
-        return worst_error(self.reference, run(variant, self.feeds, "a sensitivity model"))
+
+def measure_nodes(model: Model, insert: InsertQDQ, feeds: list[dict], reference: list[dict], scratch: Path, *,
+                  without: bool = True, progress=None) -> list[NodeSensitivity]:
+    """Each node `insert` would quantize, measured alone (and, with `without`, with all but
+    it), ranked most harmful alone first."""
+    ops = {n.name: n.op_type for n in model.graph.nodes}
+    nodes = plan(model, insert.target, insert.exclude, insert.input_shapes).nodes
+
+    def error(exclude: tuple[str, ...]) -> Error:
+        variant = quantized_variant(model, insert, exclude, scratch)
+        return worst_error(reference, run(variant, feeds, "a sensitivity model"))
+
+    results = []
+    for i, name in enumerate(nodes):
+        alone = error(tuple(n for n in nodes if n != name))
+        results.append(NodeSensitivity(name, ops.get(name, "?"), alone, error((name,)) if without else None))
+        if progress is not None:
+            progress(i + 1, len(nodes), "sensitivity")
+    return sorted(results, key=lambda r: (r.alone.cosine, r.alone.sqnr_db))
 
 
 def quantized_variant(model: Model, insert: InsertQDQ, exclude: tuple[str, ...], scratch: Path):
