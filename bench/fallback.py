@@ -53,11 +53,11 @@ def main(argv=None) -> int:
     print(f"rec: {task.model.name}, char accuracy on {args.test} lines, float {base:.4f}, "
           f"budget {100 * args.budget:g} points, {len(task.calibration)} calibration lines")
     print(f"  {'step':>4s}  {'kept float':30s} {'accuracy':>8s} {'vs float':>9s} {'latency':>8s}")
-    for i, step in enumerate(result.report.fallback):
+    for i, step in enumerate(result.report.fallback.steps):
         added = step.float_nodes[-1] if step.float_nodes else "(all quantized)"
         print(f"  {i:4d}  {added:30s} {step.metric:8.4f} {100 * (step.metric - base):+8.2f}p "
               f"{step.latency_ratio:7.2f}x")
-    last = result.report.fallback[-1]
+    last = result.report.fallback.steps[-1]
     print(f"  chosen: {len(last.float_nodes)} node(s) float, {100 * (last.metric - base):+.2f} points, "
           f"{last.latency_ratio:.2f}x float latency; {result.report.integer_kernels}")
     print(f"total {seconds:.0f} s")

@@ -182,8 +182,9 @@ def compile(model, *, pipeline: str | Sequence[Pass] = "default", pipeline_optio
         reference = run(_reference_source(source), feeds, "input model", error=CompileError)
 
     instruments = []
-    if debug_dump is not None:  # first, so the pass that breaks the numbers is dumped too
-        instruments.append(DebugDump(debug_dump))
+    dump = DebugDump(debug_dump) if debug_dump is not None else None
+    if dump is not None:  # first, so the pass that breaks the numbers is dumped too
+        instruments.append(dump)
     if verify_each_pass:
         instruments.append(VerifyEachPass(feeds, reference, EXACT, lossy_tolerance=tolerance))
     if budgeted is not None:
@@ -197,7 +198,9 @@ def compile(model, *, pipeline: str | Sequence[Pass] = "default", pipeline_optio
     if analysis is not None:
         report.sensitivity = analysis.results
     if budgeted is not None:
-        report.fallback = budgeted.steps
+        report.fallback = budgeted.curve
+    if dump is not None:
+        report.notes += dump.write_analyses(report.sensitivity, report.fallback)
     if prune is not None:
         report.pruning = pruning_summary(ir_model, report.records)
         report.file_size_after = model_size(ir_model)

@@ -30,6 +30,16 @@ class FallbackStep:
     latency_ratio: float  # one-thread latency against the float model
 
 
+@dataclass(frozen=True)
+class FallbackCurve:
+    """What the fallback tried: the float model's metric, the budget, and every step up to
+    the first within budget."""
+
+    float_metric: float
+    budget: float
+    steps: tuple[FallbackStep, ...]
+
+
 @dataclass
 class BudgetedQuantize(Pass):
     """`insert`, with the fewest most-sensitive nodes kept float such that the metric drops
@@ -44,12 +54,13 @@ class BudgetedQuantize(Pass):
     reference: list = field(default_factory=list)  # the float model's outputs on feeds
     metric: Metric | None = None
     progress: Callable | None = None
-    steps: list[FallbackStep] = field(default_factory=list, init=False)
+    curve: FallbackCurve | None = field(default=None, init=False)  # the result, for the report
 
     def run(self, model: Model) -> PassResult:
         if not self.budget >= 0:
             raise CompileError(f"accuracy budget must be a drop >= 0, got {self.budget}")
         scratch = Path(tempfile.mkdtemp(prefix="onnxcc-fallback-"))
+        steps: list[FallbackStep] = []
         try:
             float_model = runnable(model, scratch)
             float_value = self._score(float_model)
@@ -60,19 +71,20 @@ class BudgetedQuantize(Pass):
                 kept = ranked[:k]
                 variant = quantized_variant(model, self.insert, tuple(kept), scratch)
                 value = self._score(variant)
-                self.steps.append(FallbackStep(tuple(kept), value, _latency(variant, self.feeds[0]) / float_ms))
+                steps.append(FallbackStep(tuple(kept), value, _latency(variant, self.feeds[0]) / float_ms))
                 if self.progress is not None:
                     self.progress(k + 1, len(ranked) + 1, "fallback")
                 if float_value - value <= self.budget:
                     break
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
-        if float_value - self.steps[-1].metric > self.budget:
+        self.curve = FallbackCurve(float_value, self.budget, tuple(steps))
+        if float_value - steps[-1].metric > self.budget:
             raise CompileError(f"accuracy budget {self.budget:g} not reached even with every quantized node "
-                               f"in float (drop {float_value - self.steps[-1].metric:.4g})")
+                               f"in float (drop {float_value - steps[-1].metric:.4g})")
         result = replace(self.insert, exclude=tuple(self.insert.exclude) + tuple(kept)).run(model)
         log = ChangeLog()
-        for step in self.steps:
+        for step in steps:
             log.record(Change(self.name, "fallback-step", ", ".join(step.float_nodes) or "(none)",
                               f"metric {step.metric:.6g}, latency {step.latency_ratio:.2f}x float"))
         for change in result.log:
@@ -89,6 +101,15 @@ class BudgetedQuantize(Pass):
         if self.metric is not None:
             return float(self.metric(model))
         return worst_error(self.reference, run(model, self.feeds, "a fallback model")).cosine
+
+
+def fallback_table(curve: FallbackCurve) -> str:
+    """One row per step: nodes kept float so far, the metric and the latency against float."""
+    lines = [f"float model: metric {curve.float_metric:.6g}; budget: a drop of at most {curve.budget:g}"]
+    for i, step in enumerate(curve.steps):
+        added = f"+ {step.float_nodes[-1]}" if step.float_nodes else "(all quantized)"
+        lines.append(f"{i:3d}  metric {step.metric:.6g}  latency {step.latency_ratio:.2f}x  {added}")
+    return "\n".join(lines) + "\n"
 
 
 def _latency(model, feed: dict, seconds: float = 0.5) -> float:
@@ -110,4 +131,4 @@ def _latency(model, feed: dict, seconds: float = 0.5) -> float:
     return statistics.median(times) * 1000.0
 
 
-__all__ = ["BudgetedQuantize", "FallbackStep"]
+__all__ = ["BudgetedQuantize", "FallbackCurve", "FallbackStep", "fallback_table"]

@@ -13,13 +13,17 @@ import ir
 from ir import Model
 
 from .errors import CompileError
+from .fallback import FallbackCurve, fallback_table
 from .feeds import Feed
 from .pass_manager import Instrument, PassRecord
+from .plots import fallback_plot, plotting_available, sensitivity_plot
 from .report import summary_table
+from .sensitivity import NodeSensitivity, sensitivity_table
 from .verify import EXACT, Tolerance, VerificationError, compare, run, runnable
 
 MARKER = ".onnxcc-dump"
-_OURS = re.compile(r"\d{3}_[\w.-]+\.(onnx|onnx\.data|txt|diff|unchanged)|summary\.txt|" + re.escape(MARKER))
+_OURS = re.compile(r"\d{3}_[\w.-]+\.(onnx|onnx\.data|txt|diff|unchanged)|summary\.txt|"
+                   r"(sensitivity|fallback)\.(txt|png)|" + re.escape(MARKER))
 MAX_LOGGED_CHANGES = 500
 
 
@@ -90,6 +94,23 @@ class DebugDump(Instrument):
 
     def finish(self, model: Model, records: list[PassRecord]) -> None:
         (self.folder / "summary.txt").write_text(summary_table(records))
+
+    def write_analyses(self, sensitivity: list[NodeSensitivity] | None, fallback: FallbackCurve | None) -> list[str]:
+        """sensitivity.txt/.png and fallback.txt/.png for the analyses that ran; returns a
+        note for the report when the figures cannot be drawn."""
+        if sensitivity is None and fallback is None:
+            return []
+        if sensitivity is not None:
+            (self.folder / "sensitivity.txt").write_text(sensitivity_table(sensitivity))
+        if fallback is not None:
+            (self.folder / "fallback.txt").write_text(fallback_table(fallback))
+        if not plotting_available():
+            return ["figures not drawn in the debug dump: matplotlib is not installed (pip install 'onnxcc[plots]')"]
+        if sensitivity is not None:
+            sensitivity_plot(sensitivity, self.folder / "sensitivity.png")
+        if fallback is not None:
+            fallback_plot(fallback.steps, fallback.float_metric, fallback.budget, self.folder / "fallback.png")
+        return []
 
 
 def change_header(record: PassRecord) -> str:

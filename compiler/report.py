@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from ir.printer import format_bytes
 
 from .pass_manager import PassRecord
-from .fallback import FallbackStep
+from .fallback import FallbackCurve, fallback_table
 from .quantize import IntegerKernels
 from .sensitivity import NodeSensitivity, sensitivity_table
 from .verify import Verification
@@ -28,7 +28,7 @@ class CompileReport:
     file_size_before: tuple[int, int] | None = None  # when pruning: (bytes, zipped bytes) as one file
     file_size_after: tuple[int, int] | None = None
     sensitivity: list[NodeSensitivity] | None = None  # when asked: each quantized node's cost, ranked
-    fallback: list[FallbackStep] | None = None  # with an accuracy budget: each step of the fallback
+    fallback: FallbackCurve | None = None  # with an accuracy budget: each step of the fallback
 
     def rewrites_by_rule(self) -> dict[str, int]:
         total: dict[str, int] = {}
@@ -58,10 +58,8 @@ class CompileReport:
     def __str__(self) -> str:
         text = self.headline() + "\n" + summary_table(self.records)
         if self.fallback is not None:
-            text += "\nfloat fallback (nodes kept float, the metric, one-thread latency vs float):\n"
-            for i, step in enumerate(self.fallback):
-                text += (f"{i:3d}  metric {step.metric:.6g}  latency {step.latency_ratio:.2f}x  "
-                         f"{', '.join(step.float_nodes[-1:]) and '+ ' + step.float_nodes[-1] or '(all quantized)'}\n")
+            text += ("\nfloat fallback (nodes kept float, the metric, one-thread latency vs float):\n"
+                     + fallback_table(self.fallback))
         if self.sensitivity is not None:
             text += ("\nquantization sensitivity (worst output vs the float model; most harmful alone "
                      "first):\n" + sensitivity_table(self.sensitivity))

@@ -113,7 +113,7 @@ def input_of(model: onnx.ModelProto, node: str) -> str:
 
 def test_the_budget_keeps_the_harmful_node_float_and_records_each_step():
     result = compiler.compile(two_branches(), quantize="int8", calibration=outlier_feeds(), accuracy_budget=0.01)
-    steps = result.report.fallback
+    steps = result.report.fallback.steps
     assert [s.float_nodes for s in steps] == [(), ("outlier_mm",)]
     assert steps[0].metric < 0.95 and steps[1].metric > 0.99
     assert all(s.latency_ratio > 0 for s in steps)
@@ -128,7 +128,7 @@ def test_the_budget_keeps_the_harmful_node_float_and_records_each_step():
 def test_a_loose_budget_keeps_everything_quantized():
     result = compiler.compile(two_branches(), quantize="int8", calibration=outlier_feeds(), accuracy_budget=1.0,
                               min_cosine=0.0)
-    assert [s.float_nodes for s in result.report.fallback] == [()]
+    assert [s.float_nodes for s in result.report.fallback.steps] == [()]
     assert input_of(result.model, "outlier_mm") == "DequantizeLinear"
 
 
@@ -146,10 +146,46 @@ def test_the_budget_can_hold_a_metric_of_the_users_own():
 
     result = compiler.compile(two_branches(), quantize="int8", calibration=outlier_feeds(), accuracy_budget=0.5,
                               accuracy_metric=y2_error, min_cosine=0.0)
-    assert [s.float_nodes for s in result.report.fallback] == [()]  # y1's ruin does not count here
-    assert seen and -0.5 <= result.report.fallback[0].metric < 0
+    assert [s.float_nodes for s in result.report.fallback.steps] == [()]  # y1's ruin does not count here
+    assert seen and -0.5 <= result.report.fallback.steps[0].metric < 0
 
 
 def test_an_accuracy_budget_needs_quantization():
     with pytest.raises(CompileError, match=r"^an accuracy budget is for quantization: it needs quantize='int8'$"):
         compiler.compile(str(TINY), accuracy_budget=0.01)
+
+
+# -- figures and tables in the debug dump ---------------------------------------------------------
+
+
+def test_the_debug_dump_holds_the_sensitivity_and_fallback_tables_and_figures(tmp_path):
+    dump = tmp_path / "dump"
+    result = compiler.compile(two_branches(), quantize="int8", calibration=outlier_feeds(), sensitivity=True,
+                              accuracy_budget=0.01, debug_dump=dump)
+    table = (dump / "sensitivity.txt").read_text().splitlines()
+    assert table[0].split() == ["node", "op", "cosine", "alone", "SQNR", "alone", "cosine", "without", "SQNR",
+                                "without"]
+    assert [row.split()[0] for row in table[2:]] == ["outlier_mm", "plain_mm"]
+    fallback = (dump / "fallback.txt").read_text().splitlines()
+    assert fallback[0] == "float model: metric 1; budget: a drop of at most 0.01"
+    assert "(all quantized)" in fallback[1] and fallback[2].endswith("+ outlier_mm")
+    assert result.report.fallback.float_metric == pytest.approx(1.0) and result.report.fallback.budget == 0.01
+    for name in ("sensitivity.png", "fallback.png"):
+        assert (dump / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # a second compile into the same folder recognises the figures as its own
+    compiler.compile(two_branches(), quantize="int8", calibration=outlier_feeds(), sensitivity=True,
+                     debug_dump=dump, min_cosine=0.0)
+    assert not (dump / "fallback.txt").exists() and (dump / "sensitivity.png").exists()
+
+
+def test_without_matplotlib_the_tables_are_written_and_the_report_says_why_figures_are_not(tmp_path,
+                                                                                          monkeypatch):
+    import compiler.instruments
+
+    monkeypatch.setattr(compiler.instruments, "plotting_available", lambda: False)
+    dump = tmp_path / "dump"
+    result = compiler.compile(two_branches(), quantize="int8", calibration=outlier_feeds(), sensitivity=True,
+                              debug_dump=dump, min_cosine=0.0)
+    assert (dump / "sensitivity.txt").exists() and not (dump / "sensitivity.png").exists()
+    assert result.report.notes[-1] == ("figures not drawn in the debug dump: matplotlib is not installed "
+                                       "(pip install 'onnxcc[plots]')")
