@@ -120,10 +120,12 @@ def plan(model: Model, target: Target = ORT_CPU, exclude=(), input_shapes: dict 
                         calibrated[id(v)] = v
                     for i in operands["constants"]:
                         constants[id(node), i] = (node, i)
-            elif op in target.data_movement and in_q(node.inputs[0]):
+            elif op in target.data_movement and (in_q(node.inputs[0]) or _wanted_quantized(node, calibrated)):
                 outs = [v for v in node.outputs if v is not None]
                 if any(id(v) in outputs for v in outs):
                     continue
+                if not in_q(node.inputs[0]):  # its readers want it quantized: quantize its input
+                    calibrated[id(node.inputs[0])] = node.inputs[0]  # instead, so it moves uint8
                 for v in outs:  # one scale through the op, so it runs on the quantized type
                     calibrated.pop(id(v), None)
                     shared[id(v)] = node.inputs[0]
@@ -201,6 +203,9 @@ class InsertQDQ(Pass):
         values = {v.name: v for v in _all_values(graph)}
         params = {name: self._activation_params(name) for name in p.activations}
         params.update({name: params[src] for name, src in p.shared.items()})
+        for name, (src, factor) in p.scaled.items():  # a weighted op may read a rescaled tensor (GELU's * 0.5)
+            params[name] = QuantParams(np.float64(params[src].scale) * factor, params[src].zero_point,
+                                       params[src].dtype)
 
         nodes = {n.name: n for n in graph.nodes}
         for name in p.weighted:
@@ -380,6 +385,10 @@ def _integer_operands(node: Node, in_q, small: bool) -> dict | None:
     inputs = [v for v in node.inputs if v is not None]
     if not inputs or not all(_float(v) for v in inputs):
         return None
+    if node.op_type == "Concat":  # QLinearConcat requantizes inputs of any scales
+        if not any(in_q(v) for v in inputs) or any(is_const(v) for v in inputs):
+            return None
+        return {"calibrate": [v for v in inputs if not in_q(v)], "constants": []}
     if node.op_type not in ("Add", "Mul") or len(inputs) != 2:
         return {"calibrate": [], "constants": []} if all(in_q(v) for v in inputs) else None
     if not any(in_q(v) for v in inputs) or (small and not all(in_q(v) for v in inputs)):
@@ -396,6 +405,16 @@ def _integer_operands(node: Node, in_q, small: bool) -> dict | None:
         else:
             return None
     return {"calibrate": calibrate, "constants": constants}
+
+
+def _wanted_quantized(node: Node, calibrated: dict) -> bool:
+    """A data-movement op on a float activation whose every output a quantized reader asked
+    for (a Concat input behind a Resize): quantizing its input instead lets it run on the
+    quantized type, and the Q lands on the smaller side of an upsampling."""
+    x = node.inputs[0]
+    outs = [v for v in node.outputs if v is not None]
+    return (x is not None and _float(x) and not is_const(x) and bool(outs)
+            and all(id(v) in calibrated for v in outs))
 
 
 def _depthwise(node: Node) -> bool:

@@ -140,9 +140,10 @@ def test_plan_cnn():
 def test_plan_excludes_by_name_and_op_type():
     p = plan(ir.load(cnn()), exclude=("conv2",))
     assert p.weighted == ["conv1", "fc"]
-    # conv1 still needs its output Q; nothing quantized reads c2, so GAP stays float
-    assert p.activations == ["x", "r1", "f"]
-    assert p.shared == {} and "pool1" not in p.nodes  # its only reader is the float conv2
+    # conv1 still needs its output Q; nothing quantized reads c2, so GAP stays float; the
+    # Gemm's input Q goes before the Flatten, which then moves uint8
+    assert p.activations == ["x", "r1", "g"]
+    assert p.shared == {"f": "g"} and "pool1" not in p.nodes  # its only reader is the float conv2
     p = plan(ir.load(cnn()), exclude=("Gemm",))
     assert p.weighted == ["conv1", "conv2"]
     assert "flatten" not in p.nodes and "f" not in p.quantized  # no DQ -> Flatten -> Q -> float Gemm
@@ -456,3 +457,33 @@ def test_integer_forms_leave_small_excluded_and_other_hardsigmoids():
 g (float[1,L] x) => (float[1,L] y) { s = HardSigmoid<alpha = 0.2, beta = 0.5>(x)  y = Mul(x, s) }"""))
     rule.model = hs
     assert rule.match(hs.graph.nodes[1]) == Reject("not HardSwish(x) or x * HardSigmoid(x, 1/6, 0.5)")
+
+
+def concat_of_upsampled() -> onnx.ModelProto:
+    """Conv -> Concat([conv out, Resize(Tanh(low-res conv out))]) -> Conv -> Tanh: the Concat's second
+    input comes from a float op (Tanh has no integer kernel) through an upsampling Resize."""
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("Conv", ["x", "w2"], ["c2"], name="conv_low", strides=[2, 2]),
+             helper.make_node("Tanh", ["c2"], ["t"], name="tanh"),
+             helper.make_node("Resize", ["t", "", "up"], ["u"], name="upsample", mode="nearest"),
+             helper.make_node("Concat", ["c1", "u"], ["cat"], name="concat", axis=1),
+             helper.make_node("Conv", ["cat", "w3"], ["c3"], name="conv_out"),
+             helper.make_node("Tanh", ["c3"], ["y"], name="tanh_out")]
+    proto = _model(nodes, [("w1", (8, 3, 3, 3), 0.3), ("w2", (8, 3, 2, 2), 0.3), ("w3", (4, 16, 1, 1), 0.3)],
+                   [1, 3, 16, 16], [1, 4, 16, 16])
+    proto.graph.initializer.append(numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "up"))
+    return proto
+
+
+def test_a_concat_input_from_a_float_op_is_quantized_before_its_resize(tmp_path):
+    p = plan(ir.load(concat_of_upsampled()))
+    # the Q goes on the Tanh's output, before the upsampling: the Resize moves uint8 and
+    # QLinearConcat requantizes its two inputs' scales
+    assert p.nodes == ["conv1", "conv_low", "upsample", "concat", "conv_out"]
+    assert p.activations == ["x", "c1", "c2", "t", "cat", "c3"] and p.shared == {"u": "t"}
+    proto = concat_of_upsampled()
+    _, out, _ = quantize(proto)
+    ops = optimized_ops(out, tmp_path)
+    assert ops.count("QLinearConcat") == 1 and "Concat" not in ops and ops.count("QLinearConv") == 3
+    for f in feeds(proto, 4, seed=7):
+        assert cosine(session(out).run(None, f)[0], session(proto).run(None, f)[0]) > 0.99
