@@ -28,8 +28,12 @@ from .instruments import DebugDump, VerifyEachPass
 from .pass_manager import PassManager, count_nodes, param_bytes
 from .pipeline import get_pipeline
 from .prune import model_size, prune_passes, pruning_summary
+from .weight_only import upgrade_for_dq, weight_only_passes, weight_only_summary
+from .recovery import recovery_passes
 from .fallback import BudgetedQuantize
+from .adaround import AdaRound, check_rounding
 from .sensitivity import Sensitivity
+from .smooth_quant import CalibratedSmoothQuant, parse_alpha
 from .report import CompileReport
 from .verify import EXACT, Tolerance, VerificationError, compare, run, runnable
 
@@ -79,6 +83,10 @@ def compile(model, *, pipeline: str | Sequence[Pass] = "default", pipeline_optio
             prune_importance: str | None = None, refit: str | None = None, prune_exclude: Sequence[str] = (),
             prune_first_last: bool = False, prune_multiple: int = 16, sparse_storage: bool = False,
             sensitivity: bool = False, accuracy_budget: float | None = None, accuracy_metric=None,
+            weight_rounding: str = "rtn", weight_only: str | None = None, block_size: int = 32,
+            weight_format: str = "nbits", quantize_embeddings: bool = False,
+            weight_only_exclude: Sequence[str] = (),
+            smooth_quant: float | str | None = None, equalize: bool = False, bias_correction: str | None = None,
             progress=None) -> CompileResult:
     """Compile `model` (a path, bytes, `onnx.ModelProto` or `onnx_graphsurgeon.Graph`; the
     caller's object is never modified) through `pipeline` (a name, with `pipeline_options`
@@ -116,6 +124,26 @@ def compile(model, *, pipeline: str | Sequence[Pass] = "default", pipeline_optio
     much from the float model's: the outputs' worst cosine on the verification feeds, or
     `accuracy_metric(model)` (bytes or a path onnxruntime loads; higher is better) on the
     user's own data; every step's metric and one-thread latency is in `report.fallback`.
+    `smooth_quant` (with `quantize` and calibration data) moves activation outliers into the
+    following MatMul/Gemm weights before calibrating (SmoothQuant): a number is alpha for
+    every layer, "auto" chooses it per layer by simulated W8A8 error (compiler/smooth_quant.py).
+    `weight_rounding` (with `quantize="int8"`): "rtn" rounds weights to nearest, "adaround"
+    picks each weight's up/down rounding to minimise its layer's output error on the
+    calibration data (rewrites/adaround.py; needs `calibration`, not only a table).
+    `weight_only` ("int8", "int4" or "int2") stores the constant weights of MatMul/Gemm in
+    blocks of `block_size` input features with a scale each, activations float:
+    `weight_format` "nbits" (com.microsoft MatMulNBits) or "dq" (blocked DequantizeLinear
+    before the MatMul, opset 21, 25 for int2: the model is upgraded; onnxruntime fuses it
+    into MatMulNBits); `weight_rounding` "rtn", "gptq" or "adaround" (both need
+    `calibration`); `quantize_embeddings` stores Gather tables as int4 blocks;
+    `weight_only_exclude` names nodes or op types to keep float. It runs before int8
+    quantization, which then leaves those MatMuls alone; held to `min_cosine`
+    (rewrites/weight_only.py, compiler/weight_only.py).
+    `equalize=True` (with `quantize`) runs cross-layer equalization before calibrating (exact:
+    only through Relu-like ops, rewrites/equalize.py); `bias_correction` "analytic" (from the
+    BatchNorm statistics, read before folding) or "empirical" (input means on the calibration
+    data) subtracts each quantized layer's weight-rounding mean error from its bias just before
+    QDQ insertion (compiler/recovery.py).
     `progress(done, total)` is called as calibration feeds are read,
     `progress(done, total, "sensitivity")` as nodes are measured and `progress(done, total,
     "fallback")` as fallback steps are tried."""
@@ -124,6 +152,9 @@ def compile(model, *, pipeline: str | Sequence[Pass] = "default", pipeline_optio
     notes = []
     if quantize is not None and per_channel:
         ir_model, note = upgrade_for_per_channel(ir_model)
+        notes += [note] if note else []
+    if weight_only is not None and weight_format == "dq":
+        ir_model, note = upgrade_for_dq(ir_model, weight_only, quantize_embeddings)
         notes += [note] if note else []
     pipeline_name = pipeline if isinstance(pipeline, str) else "custom"
     passes = get_pipeline(pipeline, **(pipeline_options or {})) if isinstance(pipeline, str) \
@@ -137,18 +168,46 @@ def compile(model, *, pipeline: str | Sequence[Pass] = "default", pipeline_optio
             raise CompileError("calibration_preprocess needs calibration to be a folder of images")
         calibration = image_source(calibration, calibration_preprocess, model=ir_model, what="calibration data")
     calib, held_out = _calibration_split(ir_model, calibration, calibration_samples)
+    equalizers, tie, correct = recovery_passes(equalize, bias_correction, quantize, ir_model, calib, accuracy_budget)
+    passes += [tie] if tie is not None else []  # right after the optimize pipeline folds BatchNorms
     if prune is not None:
         passes += prune_passes(prune, prune_mode, prune_scope, prune_importance, refit, prune_exclude,
                                prune_first_last, prune_multiple, calib, progress)
         tolerance = quantize_tolerance(min_cosine)
     elif sparse_storage:
         raise CompileError("sparse_storage stores pruned weights: it needs prune")
+    low_bit = None
+    if weight_only is not None:  # before calibration: the QDQ plan then skips these MatMuls
+        passes += weight_only_passes(weight_only, block_size, weight_rounding, weight_format,
+                                     quantize_embeddings, weight_only_exclude, calib, progress)
+        low_bit = passes[-1]
+        tolerance = quantize_tolerance(min_cosine)
+    elif quantize_embeddings or weight_only_exclude or block_size != 32 or weight_format != "nbits":
+        raise CompileError("block_size, weight_format, quantize_embeddings and weight_only_exclude are "
+                           "for weight-only quantization: they need weight_only")
     if quantize is not None:
         calibrate = _quantize_stage(quantize, calib, held_out, calibration_table, calibration_method, exclude,
                                     per_channel, integer_depthwise, progress)
+        passes += equalizers
+        passes += _smooth_stage(smooth_quant, calib, calibrate, progress)
         passes += [IntegerForms(calibrate.insert.target, tuple(exclude), calibrate.input_shapes), calibrate,
                    calibrate.insert, DeadCodeElimination()]
+        # With weight_only, "gptq" is for the low-bit MatMuls; the int8 weights round to nearest.
+        if check_rounding("rtn" if low_bit is not None and weight_rounding == "gptq" else weight_rounding) \
+                == "adaround":
+            if calib is None:
+                raise CompileError("weight rounding 'adaround' needs calibration data (--calib DIR), "
+                                   "not only a calibration table")
+            passes.insert(passes.index(calibrate.insert), AdaRound(insert=calibrate.insert, feeds=calib,
+                                                                   progress=progress))
+        if correct is not None:  # after AdaRound: W_q is computed from the weights as they stand
+            correct.insert, correct.progress = calibrate.insert, progress
+            passes.insert(passes.index(calibrate.insert), correct)
         tolerance = quantize_tolerance(min_cosine)
+    elif smooth_quant is not None:
+        raise CompileError("smooth_quant prepares a model for int8 quantization: it needs quantize='int8'")
+    if quantize is None and weight_only is None and weight_rounding != "rtn":
+        raise CompileError(f"weight_rounding '{weight_rounding}' is for quantized weights: it needs quantize='int8'")
     if sparse_storage:
         passes.append(StoreSparse())
     if sensitivity and quantize is None:
@@ -191,7 +250,7 @@ def compile(model, *, pipeline: str | Sequence[Pass] = "default", pipeline_optio
         budgeted.feeds, budgeted.reference = feeds, reference
     analysis = Sensitivity(calibrate.insert, feeds, reference, progress) if sensitivity else None
     instruments += [analysis] if analysis is not None else []
-    if prune is not None:
+    if prune is not None or low_bit is not None:
         report.file_size_before = model_size(ir_model)
     report.records = PassManager(passes, instruments).run(ir_model)
     report.nodes_after, report.param_bytes_after = count_nodes(ir_model), param_bytes(ir_model)
@@ -203,13 +262,17 @@ def compile(model, *, pipeline: str | Sequence[Pass] = "default", pipeline_optio
         report.notes += dump.write_analyses(report.sensitivity, report.fallback)
     if prune is not None:
         report.pruning = pruning_summary(ir_model, report.records)
+    if prune is not None or low_bit is not None:
         report.file_size_after = model_size(ir_model)
+    if low_bit is not None:
+        report.weight_only = weight_only_summary(low_bit, report.records)
 
-    if verify or quantize is not None:
+    deployed = quantize is not None or low_bit is not None
+    if verify or deployed:
         scratch = Path(tempfile.mkdtemp(prefix="onnxcc-verify-"))
         # A quantized model is verified as it will run: with onnxruntime's QDQ fusions on,
         # whose fused graph also tells how many integer kernels it got.
-        optimized = scratch / "optimized.onnx" if quantize is not None else None
+        optimized = scratch / "optimized.onnx" if deployed else None
         try:
             model_file = runnable(ir_model, scratch)
             if verify:
@@ -256,6 +319,19 @@ def _quantize_stage(mode, calib, held_out, table, method, exclude, per_channel, 
     insert = InsertQDQ(target=target, exclude=tuple(exclude), per_channel=per_channel, input_shapes=shapes or None)
     return Calibrate(insert=insert, feeds=calib, method=method, exclude=tuple(exclude), table=table,
                      input_shapes=shapes or None, progress=progress)
+
+
+def _smooth_stage(alpha, calib, calibrate, progress) -> list[Pass]:
+    """The SmoothQuant pass before calibration, or nothing when `alpha` is None."""
+    if alpha is None:
+        return []
+    alpha = parse_alpha(alpha)
+    if calib is None:
+        raise CompileError("smooth_quant needs calibration data (it measures activations), "
+                           "not only a calibration table")
+    insert = calibrate.insert
+    return [CalibratedSmoothQuant(alpha=alpha, feeds=calib, method=calibrate.method, target=insert.target,
+                                  exclude=insert.exclude, per_channel=insert.per_channel, progress=progress)]
 
 
 def _first_shapes(source) -> dict[str, tuple[int, ...]]:

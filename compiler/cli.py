@@ -99,6 +99,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "(off: they stay float)")
     q.add_argument("--per-tensor-weights", action="store_true",
                    help="one scale per weight tensor instead of per output channel (needed below opset 13)")
+    q.add_argument("--weight-rounding", default="rtn", choices=["rtn", "gptq", "adaround"],
+                   help="how weights are rounded to int8: to nearest, or adaround: each weight up or down so "
+                        "that its layer's output error on --calib data is smallest (slower compile); with "
+                        "--weight-only also gptq (default: %(default)s)")
+    q.add_argument("--equalize", action="store_true",
+                   help="cross-layer equalization before calibrating: balance consecutive layers' per-channel "
+                        "weight ranges (exact; helps --per-tensor-weights most)")
+    q.add_argument("--bias-correction", choices=["analytic", "empirical"],
+                   help="subtract each quantized layer's weight-rounding mean error from its bias, with input "
+                        "means from the BatchNorm statistics (analytic) or the --calib data (empirical)")
     q.add_argument("--sensitivity", action="store_true",
                    help="rank the quantized nodes by what quantizing each costs the outputs (alone, and all "
                         "but it), on the verification feeds; printed after the pass table")
@@ -106,6 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep the most sensitive nodes in float, one at a time, until the outputs' cosine with "
                         "the float model drops by at most DROP (e.g. 0.005); prints each step's cosine and "
                         "one-thread latency")
+    q.add_argument("--smooth-quant", nargs="?", const="auto", type=_smooth_alpha, metavar="ALPHA|auto",
+                   help="before calibrating, move activation outliers into the weights of the MatMul/Gemm "
+                        "after them (SmoothQuant): ALPHA in [0, 1] for every layer, or auto (the default "
+                        "without a value): per layer, by its simulated W8A8 output error")
     q.add_argument("--min-cosine", type=float, default=0.99, metavar="C",
                    help="fail when an output's cosine with the float model falls below C (default: %(default)s)")
     p = c.add_argument_group("pruning (after the pipeline, before quantizing)")
@@ -134,6 +148,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prune the first and last layers' weights too (off: they are left whole)")
     p.add_argument("--sparse-storage", action="store_true",
                    help="store pruned weights as sparse initializers where that is smaller")
+    w = c.add_argument_group("weight-only low-bit MatMul (activations stay float)")
+    w.add_argument("--weight-only", choices=["int8", "int4", "int2"],
+                   help="store MatMul/Gemm weights as blocked low-bit integers (gptq/adaround rounding: --calib)")
+    w.add_argument("--block-size", type=int, default=32, metavar="N",
+                   help="input features per scale: a power of two >= 16 (default: %(default)s)")
+    w.add_argument("--weight-format", default="nbits", choices=["nbits", "dq"],
+                   help="com.microsoft MatMulNBits, or blocked DequantizeLinear (opset 21, int2 25: the model "
+                        "is upgraded) that onnxruntime fuses into it (default: %(default)s)")
+    w.add_argument("--quantize-embeddings", action="store_true",
+                   help="store constant Gather tables (embeddings) as int4 blocks too")
     c.add_argument("--debug-dump", type=Path, metavar="DIR",
                    help="write NNN_<pass>.onnx/.txt/.diff per pass and summary.txt into DIR")
     c.add_argument("--no-verify", action="store_true", help="skip the final check in onnxruntime")
@@ -189,20 +213,37 @@ def _compile(args) -> int:
                                  ("allow_growth", args.allow_growth or None),
                                  ("freeze_inputs", args.freeze_inputs or None)) if v is not None}
     lossy = {}
-    if args.quantize or args.prune is not None:
+    if args.quantize or args.prune is not None or args.weight_only:
         lossy = dict(calibration=args.calib, calibration_preprocess=_image_preprocess(args),
                      calibration_samples=args.calib_samples, min_cosine=args.min_cosine, progress=_progress())
     elif args.calib or args.calib_preprocess or any(getattr(args, flag) is not None for flag in IMAGE_OPTIONS):
-        raise CompileError("--calib, --calib-preprocess and --image-* need --quantize int8 or --prune")
+        raise CompileError("--calib, --calib-preprocess and --image-* need --quantize int8, --prune or "
+                           "--weight-only")
     if args.quantize:
         lossy.update(quantize=args.quantize, calibration_table=args.calibration_table,
                      calibration_method=args.calib_method, exclude=args.exclude,
                      per_channel=not args.per_tensor_weights, integer_depthwise=args.integer_depthwise,
-                     sensitivity=args.sensitivity, accuracy_budget=args.accuracy_budget)
+                     sensitivity=args.sensitivity, accuracy_budget=args.accuracy_budget,
+                     weight_rounding=args.weight_rounding)
     elif (args.calibration_table or args.save_calibration or args.exclude or args.sensitivity
           or args.accuracy_budget is not None):
         raise CompileError("--calibration-table, --save-calibration, --exclude, --sensitivity and "
                            "--accuracy-budget need --quantize int8")
+    if args.smooth_quant is not None:
+        if not args.quantize:
+            raise CompileError("--smooth-quant needs --quantize int8")
+        lossy["smooth_quant"] = args.smooth_quant
+    if args.equalize or args.bias_correction:
+        if not args.quantize:
+            raise CompileError("--equalize and --bias-correction need --quantize int8")
+        lossy.update(equalize=args.equalize, bias_correction=args.bias_correction)
+    if args.weight_only:
+        lossy.update(weight_only=args.weight_only, block_size=args.block_size, weight_format=args.weight_format,
+                     quantize_embeddings=args.quantize_embeddings, weight_rounding=args.weight_rounding)
+    elif args.block_size != 32 or args.weight_format != "nbits" or args.quantize_embeddings:
+        raise CompileError("--block-size, --weight-format and --quantize-embeddings need --weight-only")
+    elif not args.quantize and args.weight_rounding != "rtn":
+        raise CompileError(f"--weight-rounding {args.weight_rounding} needs --quantize int8 or --weight-only")
     if args.prune is not None:
         lossy.update(prune=args.prune, prune_mode=args.prune_mode, prune_scope=args.prune_scope,
                      prune_importance=args.prune_importance, refit=args.refit, prune_exclude=args.prune_exclude,
@@ -267,6 +308,15 @@ def _progress():
         print(f"\r{stage}: {done}{of} {unit}", end=end, file=sys.stderr, flush=True)
 
     return show
+
+
+def _smooth_alpha(text: str) -> float | str:
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1] or 'auto', got '{text}'") from None
 
 
 def _byte_size(text: str) -> int:

@@ -25,6 +25,7 @@ class CompileReport:
     notes: list[str] = field(default_factory=list)  # what the compiler did besides passes
     integer_kernels: IntegerKernels | None = None  # when quantizing
     pruning: str | None = None  # when pruning: what went (sparsity or channels)
+    weight_only: str | None = None  # with weight_only: how many MatMuls went low-bit
     file_size_before: tuple[int, int] | None = None  # when pruning: (bytes, zipped bytes) as one file
     file_size_after: tuple[int, int] | None = None
     sensitivity: list[NodeSensitivity] | None = None  # when asked: each quantized node's cost, ranked
@@ -44,6 +45,8 @@ class CompileReport:
             line += f"; {note}"
         if self.pruning is not None:
             line += f"; {self.pruning}"
+        if self.weight_only is not None:
+            line += f"; {self.weight_only}"
         if self.file_size_before is not None and self.file_size_after is not None:
             (a, az), (b, bz) = self.file_size_before, self.file_size_after
             line += (f"; file {format_bytes(a)} -> {format_bytes(b)}, "

@@ -106,9 +106,9 @@ def test_cli_quantize_saves_the_table_and_dumps_the_ranges(calib, tmp_path, caps
 def test_cli_calibration_flags_need_quantize(calib, tmp_path, capsys):
     assert main(["compile", str(TINY), "-o", str(tmp_path / "o.onnx"), "--calib", str(calib)]) == 2
     assert capsys.readouterr().err == ("onnxcc: error: --calib, --calib-preprocess and --image-* need "
-                                       "--quantize int8 or --prune\n")
+                                       "--quantize int8, --prune or --weight-only\n")
     assert main(["compile", str(TINY), "-o", str(tmp_path / "o.onnx"), "--image-scale", "0.5"]) == 2
-    assert "need --quantize int8 or --prune" in capsys.readouterr().err
+    assert "need --quantize int8, --prune or --weight-only" in capsys.readouterr().err
     assert main(["compile", str(TINY), "-o", str(tmp_path / "o.onnx"), "--exclude", "Conv"]) == 2
     assert capsys.readouterr().err == ("onnxcc: error: --calibration-table, --save-calibration, --exclude, "
                                        "--sensitivity and --accuracy-budget need --quantize int8\n")
