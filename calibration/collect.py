@@ -16,6 +16,7 @@ import ir
 from ir.errors import CompileError, first_line
 
 from .data import Feed
+from .gram import FeatureLayout, FeatureStatsObserver, InputStats
 from .observers import HistogramObserver, MinMaxObserver
 
 Observer = MinMaxObserver | HistogramObserver
@@ -60,6 +61,36 @@ def collect(model: ir.Model, observers: dict[str, Observer], feeds: Iterable[Fee
         return done
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def collect_input_stats(model: ir.Model, layers: dict[str, tuple[str, FeatureLayout]], feeds: Iterable[Feed], *,
+                        progress: Progress | None = None, max_gram_features: int | None = None
+                        ) -> dict[str, InputStats]:
+    """Mean and Gram matrix of the features each layer reads (calibration/gram.py), in one
+    run over `feeds`: `layers` maps a layer name to (the tensor it reads, how that tensor
+    becomes feature rows); layers reading one tensor share its exposure. `max_gram_features`
+    0 keeps only the means."""
+    observers: dict[str, FeatureStatsObserver] = {}
+    by_tensor: dict[str, _Fanout] = {}
+    for name, (tensor, layout) in layers.items():
+        observers[name] = FeatureStatsObserver(layout, name, max_gram_features=max_gram_features)
+        by_tensor.setdefault(tensor, _Fanout()).observers.append(observers[name])
+    if not by_tensor:
+        return {}
+    if not collect(model, by_tensor, feeds, progress=progress):
+        raise CompileError("calibration data holds no feeds")
+    return {name: obs.stats for name, obs in observers.items()}
+
+
+class _Fanout:
+    """One tensor read by several layers, each with its own observer."""
+
+    def __init__(self) -> None:
+        self.observers: list[FeatureStatsObserver] = []
+
+    def update(self, x) -> None:
+        for observer in self.observers:
+            observer.update(x)
 
 
 def _augmented(model: ir.Model, names: list[str], scratch: Path) -> bytes | str:

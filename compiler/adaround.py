@@ -13,8 +13,8 @@ from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 import ir
-from calibration.collect import collect
-from calibration.gram import FeatureStatsObserver, InputStats
+from calibration.collect import collect_input_stats
+from calibration.gram import InputStats
 from ir import Model
 from rewrites.adaround_weights import ROUNDINGS, WEIGHT_BITS, AdaRoundWeights, weight_layers
 from rewrites.base import Pass, PassResult
@@ -22,7 +22,6 @@ from rewrites.cleanup import DeadCodeElimination
 from rewrites.qdq import InsertQDQ
 
 from .errors import CompileError
-from .prune import _Fanout
 
 
 def check_rounding(rounding: str, allowed=ROUNDINGS, mode: str = "quantize='int8'") -> str:
@@ -76,16 +75,6 @@ def prefix_stats(model: Model, prefix: Model, options: dict, feeds, progress=Non
     the node of the same name in `prefix`."""
     layers = weight_layers(model, options["target"], options["exclude"], options["input_shapes"])
     nodes = {n.name: n for n in prefix.graph.nodes}
-    by_node: dict[str, FeatureStatsObserver] = {}
-    by_tensor: dict[str, _Fanout] = {}
-    for layer in layers:
-        node = nodes.get(layer.node.name)
-        if layer.layout is None or node is None:
-            continue
-        observer = by_node[layer.node.name] = FeatureStatsObserver(layer.layout, layer.node.name)
-        by_tensor.setdefault(node.inputs[0].name, _Fanout()).observers.append(observer)
-    if not by_tensor:
-        return {}
-    if not collect(prefix, by_tensor, feeds, progress=progress):
-        raise CompileError("calibration data holds no feeds")
-    return {name: obs.stats for name, obs in by_node.items() if obs.count}
+    wanted = {layer.node.name: (nodes[layer.node.name].inputs[0].name, layer.layout) for layer in layers
+              if layer.layout is not None and layer.node.name in nodes}
+    return collect_input_stats(prefix, wanted, feeds, progress=progress)

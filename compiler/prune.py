@@ -9,8 +9,8 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import ir
-from calibration.collect import collect
-from calibration.gram import FeatureStatsObserver, InputStats
+from calibration.collect import collect_input_stats
+from calibration.gram import InputStats
 from ir import Model
 from ir.emit import has_external
 from rewrites.base import Pass, PassResult
@@ -62,33 +62,9 @@ def consumer_stats(model: Model, spaces, feeds, progress=None) -> dict[str, Inpu
     if feeds is None:
         raise CompileError("channel pruning with refit or activation importance needs calibration data "
                            "(--calib DIR); or use --refit none --prune-importance l1")
-    by_node: dict[str, FeatureStatsObserver] = {}
-    by_tensor: dict[str, _Fanout] = {}
-    for space in spaces:
-        if space.pinned is not None:
-            continue
-        for consumer in space.consumers:
-            node = consumer.node
-            if node.name in by_node:
-                continue
-            observer = by_node[node.name] = FeatureStatsObserver(consumer.layout)
-            by_tensor.setdefault(node.inputs[0].name, _Fanout()).observers.append(observer)
-    if not by_tensor:
-        return {}
-    if not collect(model, by_tensor, feeds, progress=progress):
-        raise CompileError("calibration data holds no feeds")
-    return {name: obs.stats for name, obs in by_node.items()}
-
-
-class _Fanout:
-    """One tensor read by several consumers, each with its own layout."""
-
-    def __init__(self) -> None:
-        self.observers: list[FeatureStatsObserver] = []
-
-    def update(self, x) -> None:
-        for observer in self.observers:
-            observer.update(x)
+    layers = {consumer.node.name: (consumer.node.inputs[0].name, consumer.layout)
+              for space in spaces if space.pinned is None for consumer in space.consumers}
+    return collect_input_stats(model, layers, feeds, progress=progress)
 
 
 def model_size(model: Model) -> tuple[int, int] | None:

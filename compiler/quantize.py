@@ -11,6 +11,7 @@ from typing import Any, Callable
 
 import onnx
 import onnx.version_converter
+from onnx import helper
 
 import ir
 from calibration import (METHODS, CalibrationTable, HistogramObserver, MinMaxObserver, entry_from_observer,
@@ -32,23 +33,29 @@ PER_CHANNEL_OPSET = 13  # DequantizeLinear's axis attribute
 
 
 def upgrade_for_per_channel(model: Model) -> tuple[Model, str | None]:
-    """Per-channel weights need DequantizeLinear with an axis (opset 13). An older model is
-    converted with onnx's version converter (in memory, so only models without external
-    data); returns the model and a note for the report."""
-    opset = default_opset(model.opset_imports)
-    if opset >= PER_CHANNEL_OPSET:
+    """Per-channel weights need DequantizeLinear with an axis (opset 13)."""
+    return upgrade_opset(model, PER_CHANNEL_OPSET, "per-channel weights",
+                         "or quantize weights per tensor: --per-tensor-weights")
+
+
+def upgrade_opset(model: Model, need: int, what: str, remedy: str) -> tuple[Model, str | None]:
+    """`what` needs opset `need`: an older model is converted with onnx's version converter
+    (in memory, so only models without external data) and given the IR version that opset
+    needs; returns the model and a note for the report. `remedy` ends the errors."""
+    have = default_opset(model.opset_imports)
+    if have >= need:
         return model, None
-    remedy = "or quantize weights per tensor: --per-tensor-weights"
     if has_external(model):
-        raise CompileError(f"per-channel weights need opset {PER_CHANNEL_OPSET}, the model has opset {opset} "
+        raise CompileError(f"{what} need opset {need}, the model has opset {have} "
                            f"and external data, which the upgrade does not handle yet; {remedy}")
     try:
-        proto = onnx.version_converter.convert_version(ir.to_proto(model), PER_CHANNEL_OPSET)
+        proto = onnx.version_converter.convert_version(ir.to_proto(model), need)
+        proto.ir_version = max(proto.ir_version, helper.find_min_ir_version_for([helper.make_opsetid("", need)]))
         upgraded = ir.load(proto)
     except Exception as e:  # noqa: BLE001 - the converter raises assorted errors
-        raise CompileError(f"per-channel weights need opset {PER_CHANNEL_OPSET}; onnx's version converter "
-                           f"cannot upgrade this model from opset {opset} ({first_line(e)}); {remedy}") from None
-    return upgraded, f"opset upgraded from {opset} to {PER_CHANNEL_OPSET} for per-channel weights"
+        raise CompileError(f"{what} need opset {need}; onnx's version converter "
+                           f"cannot upgrade this model from opset {have} ({first_line(e)}); {remedy}") from None
+    return upgraded, f"opset upgraded from {have} to {need} for {what}"
 
 
 # What onnxruntime makes of Conv/MatMul/Gemm: integer kernels, and the float forms they may

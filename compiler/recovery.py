@@ -16,8 +16,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from calibration.collect import collect
-from calibration.gram import FeatureStatsObserver
+from calibration.collect import collect_input_stats
 from ir import Model, Node
 from rewrites.absorb_bias import HighBiasAbsorption
 from rewrites.base import Change, ChangeLog, Pass, PassResult
@@ -28,7 +27,6 @@ from rewrites.patterns import attr, const
 from rewrites.qdq import InsertQDQ, plan
 
 from .errors import CompileError
-from .prune import _Fanout
 
 MODES = ("analytic", "empirical")
 LINEAR = ("Conv", "Gemm", "MatMul")
@@ -163,17 +161,10 @@ def empirical_means(model: Model, layers: list[str], feeds, progress=None) -> di
     """Layer name -> the mean of its input features (im2col patches of a Conv), streamed over
     `feeds` in onnxruntime."""
     nodes = {n.name: n for n in model.graph.nodes}
-    observers: dict[str, FeatureStatsObserver] = {}
-    by_tensor: dict[str, _Fanout] = {}
-    for name in layers:
-        layout = input_layout(nodes[name])
-        if layout is None:  # auto_pad SAME over a dynamic input: patches unknown
-            continue
-        observers[name] = FeatureStatsObserver(layout, name, max_gram_features=0)  # the mean only
-        by_tensor.setdefault(nodes[name].inputs[0].name, _Fanout()).observers.append(observers[name])
-    if by_tensor and not collect(model, by_tensor, feeds, progress=progress):
-        raise CompileError("calibration data holds no feeds")
-    return {name: obs.stats.mean for name, obs in observers.items()}
+    wanted = {name: (nodes[name].inputs[0].name, layout) for name in layers
+              if (layout := input_layout(nodes[name])) is not None}  # None: auto_pad SAME, dynamic input
+    stats = collect_input_stats(model, wanted, feeds, progress=progress, max_gram_features=0)  # means only
+    return {name: stat.mean for name, stat in stats.items()}
 
 
 def recovery_passes(equalize: bool, bias_correction: str | None, quantize: str | None, model: Model,

@@ -5,24 +5,17 @@ report's line."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
-import onnx
-import onnx.version_converter
-from onnx import helper
-
-import ir
-from calibration.collect import collect
-from calibration.gram import FeatureLayout, FeatureStatsObserver, InputStats
+from calibration.collect import collect_input_stats
+from calibration.gram import FeatureLayout, InputStats
 from ir import Model
-from ir.emit import has_external
-from ir.errors import first_line
 from rewrites.base import Pass, PassResult
-from rewrites.patterns import default_opset
 from rewrites.weight_only import DQ_OPSET, EMBEDDING_BITS, FORMATS, ROUNDINGS, WeightOnly, targets
 
 from .errors import CompileError
+from .quantize import upgrade_opset
 
 MODES = {"int8": 8, "int4": 4, "int2": 2}
 
@@ -37,7 +30,6 @@ class WeightOnlyQuantize(Pass):
     rewrite: WeightOnly | None = None
     feeds: Any = None
     progress: Callable[[int, int | None], None] | None = None
-    feeds_used: int = field(default=0, init=False)
 
     def run(self, model: Model) -> PassResult:
         if self.rewrite.rounding != "rtn":
@@ -48,16 +40,8 @@ class WeightOnlyQuantize(Pass):
     def _stats(self, model: Model, nodes) -> dict[str, InputStats]:
         """Mean and Gram of each node's input rows (node name -> stats); nodes reading one
         tensor (Q, K and V projections) share its statistics."""
-        by_tensor: dict[str, FeatureStatsObserver] = {}
-        for node in nodes:
-            name = node.inputs[0].name
-            by_tensor.setdefault(name, FeatureStatsObserver(FeatureLayout("rows"), name))
-        if not by_tensor:
-            return {}
-        self.feeds_used = collect(model, by_tensor, self.feeds, progress=self.progress)
-        if not self.feeds_used:
-            raise CompileError("calibration data holds no feeds")
-        stats = {name: obs.stats for name, obs in by_tensor.items()}
+        tensors = {node.inputs[0].name: (node.inputs[0].name, FeatureLayout("rows")) for node in nodes}
+        stats = collect_input_stats(model, tensors, self.feeds, progress=self.progress)
         return {node.name: stats[node.inputs[0].name] for node in nodes}
 
 
@@ -88,25 +72,10 @@ def check_mode(mode: str) -> int:
 
 
 def upgrade_for_dq(model: Model, mode: str, embeddings: bool) -> tuple[Model, str | None]:
-    """The blocked DequantizeLinear form needs opset 21 (int8, int4) or 25 (int2): an older
-    model is converted with onnx's version converter (in memory, so only without external
-    data) and given the IR version that opset needs. Returns the model and a report note."""
+    """The blocked DequantizeLinear form needs opset 21 (int8, int4) or 25 (int2)."""
     need = max(DQ_OPSET[check_mode(mode)], DQ_OPSET[EMBEDDING_BITS] if embeddings else 0)
-    have = default_opset(model.opset_imports)
-    if have >= need:
-        return model, None
-    remedy = "or use weight_format 'nbits' (--weight-format nbits)"
-    if has_external(model):
-        raise CompileError(f"{mode} weights as DequantizeLinear need opset {need}, the model has opset {have} "
-                           f"and external data, which the upgrade does not handle yet; {remedy}")
-    try:
-        proto = onnx.version_converter.convert_version(ir.to_proto(model), need)
-        proto.ir_version = max(proto.ir_version, helper.find_min_ir_version_for([helper.make_opsetid("", need)]))
-        upgraded = ir.load(proto)
-    except Exception as e:  # noqa: BLE001 - the converter raises assorted errors
-        raise CompileError(f"{mode} weights as DequantizeLinear need opset {need}; onnx's version converter "
-                           f"cannot upgrade this model from opset {have} ({first_line(e)}); {remedy}") from None
-    return upgraded, f"opset upgraded from {have} to {need} for blocked DequantizeLinear"
+    return upgrade_opset(model, need, f"{mode} weights as DequantizeLinear",
+                         "or use weight_format 'nbits' (--weight-format nbits)")
 
 
 def weight_only_summary(stage: WeightOnlyQuantize, records) -> str:

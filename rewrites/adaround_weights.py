@@ -23,9 +23,9 @@ from ir import CompileError, Model, Node
 
 from .adaround import adaround, auto_iterations, dequantized, rounding_loss, rtn_codes
 from .base import Change, ChangeLog, Pass, PassResult, Rewriter
-from .channel_rules import _conv_layout
+from .channel_rules import conv_layout
 from .patterns import attr, const
-from .qdq import _weight_axis, plan
+from .qdq import weight_axis, plan
 from .qdq_targets import ORT_CPU, Target
 
 ROUNDINGS = ("rtn", "adaround")
@@ -54,11 +54,11 @@ def weight_layers(model: Model, target: Target = ORT_CPU, exclude=(), input_shap
         w = node.inputs[index]
         if node.op_type == "Conv":
             groups = int(attr(node, "group", 1))
-            layout = _conv_layout(node, node.inputs[0], tuple(w.const.shape[2:]))
+            layout = conv_layout(node, node.inputs[0], tuple(w.const.shape[2:]))
             layout = replace(layout, group=groups) if layout is not None else None
         else:
             groups, layout = 1, FeatureLayout("rows")
-        out.append(WeightLayer(node, index, _weight_axis(node), layout, groups))
+        out.append(WeightLayer(node, index, weight_axis(node), layout, groups))
     return out
 
 

@@ -25,10 +25,10 @@ from calibration.scales import dequantize, quantize, weight_params
 from ir import CompileError, Model, Node, Value
 
 from .base import Change, ChangeLog, Pass, PassResult, Rewriter
-from .channel_rules import _conv_layout
+from .channel_rules import conv_layout
 from .equalize import _clip_bounds
 from .patterns import attr, const
-from .qdq import _weight_axis, plan
+from .qdq import weight_axis, plan
 from .qdq_targets import ORT_CPU, Target
 
 # ---- E[f(h)] for h ~ N(mean, std^2) ----------------------------------------------------------
@@ -199,7 +199,7 @@ def input_layout(node: Node) -> FeatureLayout | None:
     if node.op_type != "Conv":
         return FeatureLayout("rows")
     w = const(node.inputs[1])
-    layout = _conv_layout(node, node.inputs[0], tuple(w.shape[2:]))
+    layout = conv_layout(node, node.inputs[0], tuple(w.shape[2:]))
     return None if layout is None else replace(layout, group=attr(node, "group", 1))
 
 
@@ -207,7 +207,7 @@ def weight_error(node: Node, target: Target = ORT_CPU, per_channel: bool = True)
     """W_q - W as [outputs, features] in float64, W_q as InsertQDQ computes it."""
     w_index = target.weighted[node.op_type][0]
     w = const(node.inputs[w_index])
-    wp = weight_params(w, _weight_axis(node) if per_channel else None, target.weight_dtype)
+    wp = weight_params(w, weight_axis(node) if per_channel else None, target.weight_dtype)
     return as_matrix(node, dequantize(quantize(w, wp), wp).astype(np.float64) - w.astype(np.float64))
 
 
@@ -215,7 +215,7 @@ def as_matrix(node: Node, w: np.ndarray) -> np.ndarray:
     """A weight of `node` as [outputs, features]."""
     if node.op_type == "Conv":
         return w.reshape(w.shape[0], -1)
-    return w if _weight_axis(node) == 0 else w.T
+    return w if weight_axis(node) == 0 else w.T
 
 
 def mean_shift(node: Node, mean: np.ndarray, target: Target = ORT_CPU, per_channel: bool = True) -> np.ndarray:

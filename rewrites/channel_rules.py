@@ -72,7 +72,7 @@ class OpRules:
         lx = self.need(x, axis, rank, c_in)
         if group == 1:
             kernel = w.shape[2:]
-            self.read(node, x, lx, math.prod(kernel), _conv_layout(node, x, kernel))
+            self.read(node, x, lx, math.prod(kernel), conv_layout(node, x, kernel))
             self.open(out, axis, rank, w.shape[0], producer=node)
             self.role(node, "linear")
         elif w.shape[1] == 1 and lx.length == c_in and w.shape[0] % group == 0:
@@ -500,7 +500,7 @@ def static_dim(v: Value, axis: int) -> int | None:
     return d if isinstance(d, int) else None
 
 
-def _conv_layout(node: Node, x: Value, kernel: tuple[int, ...]) -> FeatureLayout | None:
+def conv_layout(node: Node, x: Value, kernel: tuple[int, ...]) -> FeatureLayout | None:
     """The im2col layout of a group-1 Conv's input, or None when the padding depends on sizes
     that are not known (auto_pad SAME over a dynamic input)."""
     n = len(kernel)

@@ -240,7 +240,7 @@ class InsertQDQ(Pass):
     def _quantize_weights(self, rw: Rewriter, graph: Graph, node: Node, x: QuantParams) -> None:
         w_index, b_index = self.target.weighted[node.op_type]
         w = const(node.inputs[w_index])
-        axis = _weight_axis(node) if self.per_channel else None
+        axis = weight_axis(node) if self.per_channel else None
         wp = weight_params(w, axis, self.target.weight_dtype)
         base = node.inputs[w_index].name
         dq = _dequantize(rw, graph, node, base, quantize(w, wp), wp)
@@ -322,7 +322,7 @@ def _replace_input(rw: Rewriter, graph: Graph, node: Node, index: int, new: Valu
         rw.remove_initializer(graph, old)
 
 
-def _weight_axis(node: Node) -> int:
+def weight_axis(node: Node) -> int:
     """The weight's output-channel axis: Conv [M, C, kh, kw] and Gemm transB=1 [N, K] -> 0;
     MatMul and Gemm transB=0 [K, N] -> 1."""
     if node.op_type == "Conv" or (node.op_type == "Gemm" and attr(node, "transB", 0)):
@@ -352,7 +352,7 @@ def _weighted_ok(node: Node, target: Target) -> bool:
     b = node.inputs[b_index] if b_index is not None and b_index < len(node.inputs) else None
     if b is None:
         return True
-    channels = shape[_weight_axis(node)]
+    channels = shape[weight_axis(node)]
     return is_const(b) and b.const.dtype == TensorProto.FLOAT and tuple(b.const.shape) == (channels,)
 
 

@@ -267,7 +267,7 @@ def test_compile_dq_upgrades_the_opset_and_checks_the_cosine_budget():
                   {"w": RNG.standard_normal((K, N)).astype(np.float32)},
                   [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, K])], opset=17, ir_version=8)
     result = compiler.compile(proto, weight_only="int2", weight_format="dq", min_cosine=0.5)
-    assert "opset upgraded from 17 to 25 for blocked DequantizeLinear" in result.report.notes
+    assert "opset upgraded from 17 to 25 for int2 weights as DequantizeLinear" in result.report.notes
     assert result.model.ir_version == 13 and result.report.verification.ok
     with pytest.raises(compiler.VerificationError):  # 2-bit plain rounding is far from float
         compiler.compile(proto, weight_only="int2", min_cosine=0.999)
