@@ -5,25 +5,21 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 import onnx
 
 import ir
 from calibration import CalibrationTable, as_source, image_source, split
 from rewrites.base import Pass
-from rewrites.cleanup import DeadCodeElimination
-from rewrites.integer_forms import IntegerForms
-from rewrites.qdq import InsertQDQ
-from rewrites.qdq_targets import ORT_CPU
 from rewrites.sparse_storage import StoreSparse
 
 from .errors import CompileError
 from .feeds import as_feed, load_feeds, parse_input_shapes, random_feeds
-from .quantize import DEFAULT_MIN_COSINE, Calibrate, integer_kernels, quantize_tolerance, upgrade_for_per_channel
+from .quantize import DEFAULT_MIN_COSINE, integer_kernels, quantize_tolerance, upgrade_for_per_channel
+from .quantize_stage import quantize_passes
 from .instruments import DebugDump, VerifyEachPass
 from .pass_manager import PassManager, count_nodes, param_bytes
 from .pipeline import get_pipeline
@@ -31,9 +27,7 @@ from .prune import model_size, prune_passes, pruning_summary
 from .weight_only import upgrade_for_dq, weight_only_passes, weight_only_summary
 from .recovery import recovery_passes
 from .fallback import BudgetedQuantize
-from .adaround import AdaRound, check_rounding
 from .sensitivity import Sensitivity
-from .smooth_quant import CalibratedSmoothQuant, parse_alpha
 from .report import CompileReport
 from .verify import EXACT, Tolerance, VerificationError, compare, run, runnable
 
@@ -186,23 +180,12 @@ def compile(model, *, pipeline: str | Sequence[Pass] = "default", pipeline_optio
         raise CompileError("block_size, weight_format, quantize_embeddings and weight_only_exclude are "
                            "for weight-only quantization: they need weight_only")
     if quantize is not None:
-        calibrate = _quantize_stage(quantize, calib, held_out, calibration_table, calibration_method, exclude,
-                                    per_channel, integer_depthwise, progress)
-        passes += equalizers
-        passes += _smooth_stage(smooth_quant, calib, calibrate, progress)
-        passes += [IntegerForms(calibrate.insert.target, tuple(exclude), calibrate.input_shapes), calibrate,
-                   calibrate.insert, DeadCodeElimination()]
         # With weight_only, "gptq" is for the low-bit MatMuls; the int8 weights round to nearest.
-        if check_rounding("rtn" if low_bit is not None and weight_rounding == "gptq" else weight_rounding) \
-                == "adaround":
-            if calib is None:
-                raise CompileError("weight rounding 'adaround' needs calibration data (--calib DIR), "
-                                   "not only a calibration table")
-            passes.insert(passes.index(calibrate.insert), AdaRound(insert=calibrate.insert, feeds=calib,
-                                                                   progress=progress))
-        if correct is not None:  # after AdaRound: W_q is computed from the weights as they stand
-            correct.insert, correct.progress = calibrate.insert, progress
-            passes.insert(passes.index(calibrate.insert), correct)
+        rounding = "rtn" if low_bit is not None and weight_rounding == "gptq" else weight_rounding
+        stage, calibrate = quantize_passes(quantize, calib, held_out, calibration_table, calibration_method,
+                                           exclude, per_channel, integer_depthwise, equalizers, smooth_quant,
+                                           rounding, correct, progress)
+        passes += stage
         tolerance = quantize_tolerance(min_cosine)
     elif smooth_quant is not None:
         raise CompileError("smooth_quant prepares a model for int8 quantization: it needs quantize='int8'")
@@ -304,42 +287,6 @@ def _calibration_split(model, calibration, samples):
     holdout = HOLDOUT if source.length is None else min(HOLDOUT, max(1, source.length // 5))
     calib, held_out = split(source, holdout=holdout)
     return (calib.limit(samples) if samples is not None else calib), held_out
-
-
-def _quantize_stage(mode, calib, held_out, table, method, exclude, per_channel, integer_depthwise, progress):
-    """The Calibrate pass, which holds the InsertQDQ pass that follows it."""
-    if mode != "int8":
-        raise CompileError(f"quantization '{mode}' is not supported (choose from: int8)")
-    if isinstance(table, (str, os.PathLike)):
-        table = CalibrationTable.load(table)
-    # Tensors are sized at the calibration inputs' shapes, or at those the table recorded. The
-    # held-out feeds are read for it: they can be read again, a one-shot iterator cannot.
-    shapes = table.inputs if table is not None else _first_shapes(held_out)
-    target = replace(ORT_CPU, integer_depthwise=True) if integer_depthwise else ORT_CPU
-    insert = InsertQDQ(target=target, exclude=tuple(exclude), per_channel=per_channel, input_shapes=shapes or None)
-    return Calibrate(insert=insert, feeds=calib, method=method, exclude=tuple(exclude), table=table,
-                     input_shapes=shapes or None, progress=progress)
-
-
-def _smooth_stage(alpha, calib, calibrate, progress) -> list[Pass]:
-    """The SmoothQuant pass before calibration, or nothing when `alpha` is None."""
-    if alpha is None:
-        return []
-    alpha = parse_alpha(alpha)
-    if calib is None:
-        raise CompileError("smooth_quant needs calibration data (it measures activations), "
-                           "not only a calibration table")
-    insert = calibrate.insert
-    return [CalibratedSmoothQuant(alpha=alpha, feeds=calib, method=calibrate.method, target=insert.target,
-                                  exclude=insert.exclude, per_channel=insert.per_channel, progress=progress)]
-
-
-def _first_shapes(source) -> dict[str, tuple[int, ...]]:
-    """The input shapes of the source's first feed ({} without data)."""
-    if source is None:
-        return {}
-    first = next(iter(source), None)
-    return {name: tuple(np.shape(a)) for name, a in (first or {}).items()}
 
 
 def _as_source(model):
