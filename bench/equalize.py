@@ -13,8 +13,7 @@ difference of the outputs. Rows:
   + equalization                   `--equalize` (exact: only through Relu-like ops)
   + bias correction analytic       `--bias-correction analytic` (BatchNorm statistics)
   + bias correction empirical      `--bias-correction empirical` (calibration data)
-  + high-bias absorption           rewrites/absorb_bias.py after equalization (a pass, not yet
-                                   a compile option; BatchNorm statistics)
+  + high-bias absorption           `--equalize --absorb-high-bias` (BatchNorm statistics)
   + equalization through HardSwish the lossy choice rewrites/equalize.py does not make by
                                    default: scale through ReLU6/HardSwish as if Relu
   per-channel                      the default weights, for reference
@@ -33,7 +32,7 @@ from bench import ocr_data
 TASKS = ("cls", "det")
 DEFAULT_CALIB = {"cls": 64, "det": 16}
 DEFAULT_TEST = {"cls": 4000, "det": 30}
-# (label, compile options, tasks); "absorb" and "lossy" build their pipelines here. The
+# (label, compile options, tasks); "lossy" builds its pipeline here. The
 # detector has only 3 BatchNorms and its HardSwish chains end in affine blocks (Mul, Add), so
 # absorption and the lossy equalization find nothing there and are not run on it.
 SETTINGS = [
@@ -43,9 +42,9 @@ SETTINGS = [
     ("+ bias correction empirical", {"bias_correction": "empirical"}, TASKS),
     ("+ equalization + bias correction analytic", {"equalize": True, "bias_correction": "analytic"}, ("cls",)),
     ("+ equalization + bias correction empirical", {"equalize": True, "bias_correction": "empirical"}, TASKS),
-    ("+ equalization + high-bias absorption", {"absorb": True}, ("cls",)),
-    ("+ equalization + absorption + bias corr. empirical", {"absorb": True, "bias_correction": "empirical"},
-     ("cls",)),
+    ("+ equalization + high-bias absorption", {"equalize": True, "absorb_high_bias": True}, ("cls",)),
+    ("+ equalization + absorption + bias corr. empirical",
+     {"equalize": True, "absorb_high_bias": True, "bias_correction": "empirical"}, ("cls",)),
     ("+ equalization through HardSwish (lossy)", {"lossy": True}, ("cls",)),
     ("per-channel (reference)", {"per_channel": True}, TASKS),
 ]
@@ -70,20 +69,13 @@ def outputs(task: str, session, samples) -> np.ndarray:
 
 def compile_setting(task: str, calibration: list[dict], options: dict):
     import compiler
-    import ir
     from compiler.pipeline import get_pipeline
-    from compiler.recovery import AbsorbHighBias, TieBatchNorm, read_batchnorms
     from rewrites.equalize import CrossLayerEqualization
 
     options = dict(options)
     pipeline = "default"
     if options.pop("lossy", False):
         pipeline = get_pipeline("default") + [CrossLayerEqualization(through_nonlinear=True)]
-    if options.pop("absorb", False):
-        # The BatchNorms are tied by the folded weights, so reading them from another load works.
-        tie = TieBatchNorm(records=read_batchnorms(ir.load(ocr_data.model_path(task))))
-        equalize = CrossLayerEqualization()
-        pipeline = get_pipeline("default") + [tie, equalize, AbsorbHighBias(tie=tie, equalize=equalize)]
     per_channel = options.pop("per_channel", False)
     # The benchmark judges accuracy itself: write the model whatever its cosine.
     return compiler.compile(str(ocr_data.model_path(task)), pipeline=pipeline, quantize="int8",

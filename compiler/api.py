@@ -81,6 +81,7 @@ def compile(model, *, pipeline: str | Sequence[Pass] = "default", pipeline_optio
             weight_format: str = "nbits", quantize_embeddings: bool = False,
             weight_only_exclude: Sequence[str] = (),
             smooth_quant: float | str | None = None, equalize: bool = False, bias_correction: str | None = None,
+            absorb_high_bias: bool = False,
             progress=None) -> CompileResult:
     """Compile `model` (a path, bytes, `onnx.ModelProto` or `onnx_graphsurgeon.Graph`; the
     caller's object is never modified) through `pipeline` (a name, with `pipeline_options`
@@ -137,7 +138,9 @@ def compile(model, *, pipeline: str | Sequence[Pass] = "default", pipeline_optio
     only through Relu-like ops, rewrites/equalize.py); `bias_correction` "analytic" (from the
     BatchNorm statistics, read before folding) or "empirical" (input means on the calibration
     data) subtracts each quantized layer's weight-rounding mean error from its bias just before
-    QDQ insertion (compiler/recovery.py).
+    QDQ insertion (compiler/recovery.py). `absorb_high_bias=True` (with `quantize`, after
+    equalization) moves the part of a Relu layer's bias its BatchNorm statistics say is always
+    passed into the next layer's bias (lossy; rewrites/absorb_bias.py).
     `progress(done, total)` is called as calibration feeds are read,
     `progress(done, total, "sensitivity")` as nodes are measured and `progress(done, total,
     "fallback")` as fallback steps are tried."""
@@ -162,7 +165,8 @@ def compile(model, *, pipeline: str | Sequence[Pass] = "default", pipeline_optio
             raise CompileError("calibration_preprocess needs calibration to be a folder of images")
         calibration = image_source(calibration, calibration_preprocess, model=ir_model, what="calibration data")
     calib, held_out = _calibration_split(ir_model, calibration, calibration_samples)
-    equalizers, tie, correct = recovery_passes(equalize, bias_correction, quantize, ir_model, calib, accuracy_budget)
+    equalizers, tie, correct = recovery_passes(equalize, bias_correction, quantize, ir_model, calib, accuracy_budget,
+                                               absorb_high_bias)
     passes += [tie] if tie is not None else []  # right after the optimize pipeline folds BatchNorms
     if prune is not None:
         passes += prune_passes(prune, prune_mode, prune_scope, prune_importance, refit, prune_exclude,

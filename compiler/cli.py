@@ -109,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--bias-correction", choices=["analytic", "empirical"],
                    help="subtract each quantized layer's weight-rounding mean error from its bias, with input "
                         "means from the BatchNorm statistics (analytic) or the --calib data (empirical)")
+    q.add_argument("--absorb-high-bias", action="store_true",
+                   help="after equalization, move the part of a Relu layer's bias that its BatchNorm statistics "
+                        "say always passes into the next layer (lossy; narrows the activation ranges)")
     q.add_argument("--sensitivity", action="store_true",
                    help="rank the quantized nodes by what quantizing each costs the outputs (alone, and all "
                         "but it), on the verification feeds; printed after the pass table")
@@ -233,10 +236,11 @@ def _compile(args) -> int:
         if not args.quantize:
             raise CompileError("--smooth-quant needs --quantize int8")
         lossy["smooth_quant"] = args.smooth_quant
-    if args.equalize or args.bias_correction:
+    if args.equalize or args.bias_correction or args.absorb_high_bias:
         if not args.quantize:
-            raise CompileError("--equalize and --bias-correction need --quantize int8")
-        lossy.update(equalize=args.equalize, bias_correction=args.bias_correction)
+            raise CompileError("--equalize, --bias-correction and --absorb-high-bias need --quantize int8")
+        lossy.update(equalize=args.equalize, bias_correction=args.bias_correction,
+                     absorb_high_bias=args.absorb_high_bias)
     if args.weight_only:
         lossy.update(weight_only=args.weight_only, block_size=args.block_size, weight_format=args.weight_format,
                      quantize_embeddings=args.quantize_embeddings, weight_rounding=args.weight_rounding)

@@ -113,7 +113,7 @@ def _same(w: np.ndarray, folded: np.ndarray) -> bool:
 @dataclass
 class AbsorbHighBias(Pass):
     """High-bias absorption (rewrites/absorb_bias.py) from the tied BatchNorm statistics, after
-    equalization. Not a compile option yet: bench/equalize.py measures it."""
+    equalization when that runs too."""
 
     name = "absorb-bias"
     exact = False
@@ -168,7 +168,8 @@ def empirical_means(model: Model, layers: list[str], feeds, progress=None) -> di
 
 
 def recovery_passes(equalize: bool, bias_correction: str | None, quantize: str | None, model: Model,
-                    calib, accuracy_budget) -> tuple[list[Pass], TieBatchNorm | None, Pass | None]:
+                    calib, accuracy_budget, absorb: bool = False
+                    ) -> tuple[list[Pass], TieBatchNorm | None, Pass | None]:
     """(passes before calibration, the BatchNorm tie to run right after the optimize
     pipeline, the bias correction to run just before QDQ insertion), validated with one-line
     errors; `model` is read for its BatchNorms before anything folds them."""
@@ -179,22 +180,37 @@ def recovery_passes(equalize: bool, bias_correction: str | None, quantize: str |
             raise CompileError("equalization prepares weights for quantization: it needs quantize='int8'")
         if bias_correction is not None:
             raise CompileError("bias correction compensates weight quantization: it needs quantize='int8'")
+        if absorb:
+            raise CompileError("high-bias absorption prepares activations for quantization: it needs "
+                               "quantize='int8'")
         return [], None, None
-    before = [CrossLayerEqualization()] if equalize else []
+    before: list[Pass] = [CrossLayerEqualization()] if equalize else []
+    equalizer = before[0] if before else None
+    tie = None
+    if absorb:
+        if bias_correction == "analytic":
+            raise CompileError("high-bias absorption moves biases the BatchNorm statistics describe: use "
+                               "--bias-correction empirical with it")
+        tie = TieBatchNorm(records=_batchnorms(model, "high-bias absorption"))
+        before.append(AbsorbHighBias(tie=tie, equalize=equalizer))
     if bias_correction is None:
-        return before, None, None
+        return before, tie, None
     if accuracy_budget is not None:
         raise CompileError("bias correction with an accuracy budget is not supported: layers the budget keeps "
                            "float would keep a corrected bias")
-    tie = None
     if bias_correction == "empirical" and calib is None:
         raise CompileError("empirical bias correction needs calibration data (--calib DIR), not only a "
                            "calibration table; or use --bias-correction analytic")
     if bias_correction == "analytic":
-        records = read_batchnorms(model)
-        if not records:
-            raise CompileError("analytic bias correction reads BatchNormalization statistics and the model "
-                               "has none after a Conv/Gemm/MatMul; use --bias-correction empirical")
-        tie = TieBatchNorm(records=records)
-    correct = CorrectBias(mode=bias_correction, feeds=calib, tie=tie, equalize=before[0] if before else None)
+        tie = TieBatchNorm(records=_batchnorms(model, "analytic bias correction",
+                                               "; use --bias-correction empirical"))
+    correct = CorrectBias(mode=bias_correction, feeds=calib, tie=tie, equalize=equalizer)
     return before, tie, correct
+
+
+def _batchnorms(model: Model, what: str, remedy: str = ""):
+    records = read_batchnorms(model)
+    if not records:
+        raise CompileError(f"{what} reads BatchNormalization statistics and the model has none after a "
+                           f"Conv/Gemm/MatMul{remedy}")
+    return records

@@ -269,9 +269,14 @@ def test_cli_bias_correction_flag(tmp_path, capsys):
                  "--bias-correction", "analytic", "--min-cosine", "0.9"]) == 0
     assert "bias-correction" in capsys.readouterr().out
     assert main(["compile", str(model), "-o", str(out), "--bias-correction", "empirical"]) == 2
-    assert capsys.readouterr().err.strip() == "onnxcc: error: --equalize and --bias-correction need --quantize int8"
+    assert capsys.readouterr().err.strip() == ("onnxcc: error: --equalize, --bias-correction and --absorb-high-bias "
+                                               "need --quantize int8")
     assert main(["compile", str(model), "-o", str(out), "--quantize", "int8", "--bias-correction", "mean"]) == 2
     assert "invalid choice: 'mean'" in capsys.readouterr().err
+    onnx.save(high_bias_model(), model)
+    assert main(["compile", str(model), "-o", str(out), "--quantize", "int8", "--calib", str(calib),
+                 "--equalize", "--absorb-high-bias", "--bias-correction", "empirical"]) == 0
+    assert "absorb-bias 1" in capsys.readouterr().out  # the pass table's rewrites column
 
 
 def test_a_layer_rebuilt_with_a_bias_keeps_its_calibrated_range():
@@ -283,3 +288,53 @@ def test_a_layer_rebuilt_with_a_bias_keeps_its_calibrated_range():
     assert result.report.records[names.index("bias-correction")].log.by_rule() == {"bias-correction": 1}
     conv = next(n for n in result.model.graph.node if n.op_type == "Conv")
     assert len(conv.input) == 3 and conv.input[2].endswith("_DequantizeLinear_out")
+
+
+# ---- high-bias absorption as a compile option ---------------------------------------------------
+
+
+def high_bias_model():
+    """bn_model with BatchNorm shifts well above three deviations on three channels, and
+    statistics that describe conv1's output on calib_feeds (3x3x3 patches of N(0, 1) inputs
+    with N(0, 1) weights: mean 0, variance about 27)."""
+    proto, inits = bn_model()
+    for init in proto.graph.initializer:
+        if init.name in ("mean1", "var1"):
+            init.CopyFrom(numpy_helper.from_array(np.full(4, 0.0 if init.name == "mean1" else 27.0, np.float32),
+                                                  init.name))
+        if init.name == "beta1":
+            init.CopyFrom(numpy_helper.from_array(np.array([6.0, 0.2, 8.0, 5.0], np.float32), "beta1"))
+        if init.name == "gamma1":
+            init.CopyFrom(numpy_helper.from_array(np.array([1.0, 1.0, 1.5, 0.5], np.float32), "gamma1"))
+    return proto
+
+
+def test_compile_absorbs_high_biases_after_equalizing():
+    result = compiler.compile(high_bias_model(), quantize="int8", calibration=calib_feeds(), equalize=True,
+                              absorb_high_bias=True, bias_correction="empirical")
+    names = [r.name for r in result.report.records]
+    assert names.index("equalize") < names.index("absorb-bias") < names.index("calibrate")
+    record = result.report.records[names.index("absorb-bias")]
+    assert record.changed and record.log.by_rule() == {"absorb-bias": 1}
+    assert result.report.verification.ok
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"absorb_high_bias": True}, "high-bias absorption prepares activations for quantization: it needs "
+                                 "quantize='int8'"),
+    ({"quantize": "int8", "absorb_high_bias": True, "bias_correction": "analytic"},
+     "high-bias absorption moves biases the BatchNorm statistics describe: use --bias-correction empirical "
+     "with it"),
+])
+def test_absorption_option_errors(options, message):
+    with pytest.raises(compiler.CompileError) as e:
+        compiler.compile(high_bias_model(), calibration=calib_feeds() if "quantize" in options else None, **options)
+    assert str(e.value) == message
+
+
+def test_absorption_needs_batchnorms():
+    w, b, _ = layer_case(1)
+    with pytest.raises(compiler.CompileError) as e:
+        compiler.compile(conv_model(w, b), quantize="int8", calibration=calib_feeds(), absorb_high_bias=True)
+    assert str(e.value) == ("high-bias absorption reads BatchNormalization statistics and the model has none "
+                            "after a Conv/Gemm/MatMul")

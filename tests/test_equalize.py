@@ -227,7 +227,8 @@ def test_cli_equalize_flag(calib, tmp_path, capsys):
                  "--per-tensor-weights", "--equalize", "--min-cosine", "0.9"]) == 0
     assert "equalize" in capsys.readouterr().out
     assert main(["compile", str(model), "-o", str(out), "--equalize"]) == 2
-    assert capsys.readouterr().err.strip() == "onnxcc: error: --equalize and --bias-correction need --quantize int8"
+    assert capsys.readouterr().err.strip() == ("onnxcc: error: --equalize, --bias-correction and --absorb-high-bias "
+                                               "need --quantize int8")
 
 
 @pytest.mark.slow
