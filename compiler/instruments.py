@@ -109,7 +109,7 @@ class DebugDump(Instrument):
         if sensitivity is not None:
             sensitivity_plot(sensitivity, self.folder / "sensitivity.png")
         if fallback is not None:
-            fallback_plot(fallback.steps, fallback.float_metric, fallback.budget, self.folder / "fallback.png")
+            fallback_plot(fallback, self.folder / "fallback.png")
         return []
 
 

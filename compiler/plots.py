@@ -8,7 +8,7 @@ import importlib.util
 from pathlib import Path
 from typing import Sequence
 
-from .fallback import FallbackStep
+from .fallback import FallbackCurve
 from .sensitivity import NodeSensitivity
 
 MOST_NODES = 40  # a taller sensitivity figure is unreadable; the table has every node
@@ -51,10 +51,11 @@ def sensitivity_plot(results: Sequence[NodeSensitivity], path: Path) -> Path:
     return path
 
 
-def fallback_plot(steps: Sequence[FallbackStep], float_metric: float, budget: float, path: Path) -> Path:
+def fallback_plot(curve: FallbackCurve, path: Path) -> Path:
     """The trade-off curve: each fallback step's metric against its one-thread latency
     relative to float, numbered by how many nodes it keeps float, with the budget's floor."""
     plt = _pyplot()
+    steps, float_metric, budget = curve.steps, curve.float_metric, curve.budget
     fig, ax = plt.subplots(figsize=(7, 4.5))
     xs = [s.latency_ratio for s in steps]
     ys = [s.metric for s in steps]

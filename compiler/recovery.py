@@ -20,7 +20,8 @@ from calibration.collect import collect_input_stats
 from ir import Model, Node
 from rewrites.absorb_bias import HighBiasAbsorption
 from rewrites.base import Change, ChangeLog, Pass, PassResult
-from rewrites.bias_correction import BiasCorrection, analytic_means, input_layout
+from rewrites.bias_correction import BiasCorrection, analytic_means
+from rewrites.channel_rules import input_layout
 from rewrites.equalize import CrossLayerEqualization
 from rewrites.fuse_affine import scale_weight
 from rewrites.patterns import attr, const

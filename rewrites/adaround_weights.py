@@ -13,7 +13,7 @@ by several nodes keep round-to-nearest, and the log says so."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -23,7 +23,7 @@ from ir import CompileError, Model, Node
 
 from .adaround import adaround, auto_iterations, dequantized, rounding_loss, rtn_codes
 from .base import Change, ChangeLog, Pass, PassResult, Rewriter
-from .channel_rules import conv_layout
+from .channel_rules import input_layout
 from .patterns import attr, const
 from .qdq import weight_axis, plan
 from .qdq_targets import ORT_CPU, Target
@@ -51,14 +51,8 @@ def weight_layers(model: Model, target: Target = ORT_CPU, exclude=(), input_shap
     for name in plan(model, target, exclude, input_shapes).weighted:
         node = nodes[name]
         index = target.weighted[node.op_type][0]
-        w = node.inputs[index]
-        if node.op_type == "Conv":
-            groups = int(attr(node, "group", 1))
-            layout = conv_layout(node, node.inputs[0], tuple(w.const.shape[2:]))
-            layout = replace(layout, group=groups) if layout is not None else None
-        else:
-            groups, layout = 1, FeatureLayout("rows")
-        out.append(WeightLayer(node, index, weight_axis(node), layout, groups))
+        groups = int(attr(node, "group", 1)) if node.op_type == "Conv" else 1
+        out.append(WeightLayer(node, index, weight_axis(node), input_layout(node), groups))
     return out
 
 

@@ -20,12 +20,10 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from calibration.gram import FeatureLayout
 from calibration.scales import dequantize, quantize, weight_params
 from ir import CompileError, Model, Node, Value
 
 from .base import Change, ChangeLog, Pass, PassResult, Rewriter
-from .channel_rules import conv_layout
 from .equalize import _clip_bounds
 from .patterns import attr, const
 from .qdq import weight_axis, plan
@@ -192,15 +190,6 @@ def _activation(node: Node) -> tuple[Pieces | None, Value | None]:
 
 
 # ---- the correction --------------------------------------------------------------------------
-
-
-def input_layout(node: Node) -> FeatureLayout | None:
-    """How the layer's input becomes rows of features (im2col patches for a Conv)."""
-    if node.op_type != "Conv":
-        return FeatureLayout("rows")
-    w = const(node.inputs[1])
-    layout = conv_layout(node, node.inputs[0], tuple(w.shape[2:]))
-    return None if layout is None else replace(layout, group=attr(node, "group", 1))
 
 
 def weight_error(node: Node, target: Target = ORT_CPU, per_channel: bool = True) -> np.ndarray:

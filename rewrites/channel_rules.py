@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 
@@ -524,6 +525,16 @@ def conv_layout(node: Node, x: Value, kernel: tuple[int, ...]) -> FeatureLayout 
         pads = tuple(begins + ends)
     return FeatureLayout("conv", tuple(int(k) for k in kernel), tuple(int(s) for s in strides),
                          tuple(int(p) for p in pads), tuple(int(d) for d in dilations))
+
+
+def input_layout(node: Node) -> FeatureLayout | None:
+    """How a Conv/Gemm/MatMul's input becomes rows of features: im2col patches of all input
+    channels for a Conv (any group), the last axis otherwise; None when a Conv's padding
+    depends on unknown sizes."""
+    if node.op_type != "Conv":
+        return FeatureLayout("rows")
+    layout = conv_layout(node, node.inputs[0], tuple(const(node.inputs[1]).shape[2:]))
+    return None if layout is None else replace(layout, group=attr(node, "group", 1))
 
 
 for _op in REDUCE:

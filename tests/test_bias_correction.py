@@ -22,7 +22,8 @@ from compiler.pass_manager import PassManager
 from compiler.pipeline import get_pipeline
 from compiler.recovery import TieBatchNorm, empirical_means, read_batchnorms
 from rewrites.bias_correction import (RELU, BiasCorrection, analytic_means, clip_pieces, gaussian_expectation,
-                                      hard_sigmoid_pieces, input_layout, leaky_relu_pieces, mean_shift)
+                                      hard_sigmoid_pieces, leaky_relu_pieces, mean_shift)
+from rewrites.channel_rules import input_layout
 from rewrites.patterns import const
 
 
