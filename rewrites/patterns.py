@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from ir import Graph, Node, Value
+from ir import CompileError, Graph, Model, Node, Value
 
 # Two runs of these may give different results: never folded, never merged. Dropout is
 # random in training mode (a true `training_mode` input, or is_test=0 before opset 7);
@@ -101,6 +101,15 @@ def other_operand(node: Node, target: float) -> Value | None:
     """For a binary node with a constant `target` operand, the other operand."""
     a, b = node.inputs
     return b if is_scalar(a, target) else a if is_scalar(b, target) else None
+
+
+def check_exclude(model: Model, exclude, where: str, op_types=()) -> None:
+    """An exclusion that matches no node name or op type of the main graph (nor one of
+    `op_types`) is a typo: the user believes a layer is kept."""
+    known = {n.name for n in model.graph.nodes} | {n.op_type for n in model.graph.nodes} | set(op_types)
+    for entry in exclude:
+        if entry not in known:
+            raise CompileError(f"{where}: exclude '{entry}' is neither a node name nor an op type of the model")
 
 
 def _graph_and_bodies(graph: Graph):

@@ -20,7 +20,7 @@ from onnx import TensorProto
 from ir import CompileError, Model, Node, Value
 
 from .base import Change, ChangeLog, Pass, PassResult, Rewriter
-from .patterns import attr
+from .patterns import attr, check_exclude
 
 LAYERS = ("Conv", "ConvTranspose", "Gemm", "MatMul")  # the weight is input 1 of each
 FLOATS = (TensorProto.FLOAT16, TensorProto.FLOAT, TensorProto.DOUBLE)
@@ -81,7 +81,7 @@ class PruneWeights(Pass):
         log = ChangeLog()
         rw = Rewriter(model, log, self.name)
         layers = _layers(model)
-        self._check_exclude(model)
+        check_exclude(model, self.exclude, "prune-weights", LAYERS)
         exempt = self._exempt(layers)
         for node, reason in exempt.items():
             _note(rw, "skip", node.name, reason)
@@ -108,14 +108,6 @@ class PruneWeights(Pass):
         for value, array in pruned.items():
             changed |= _replace(rw, model, value, array)
         return PassResult(changed, log)
-
-    def _check_exclude(self, model: Model) -> None:
-        """A name that matches nothing is a typo: the user believes a layer is kept."""
-        known = {n.name for n in model.graph.nodes} | {n.op_type for n in model.graph.nodes} | set(LAYERS)
-        for entry in self.exclude:
-            if entry not in known:
-                raise CompileError(f"prune-weights: exclude '{entry}' is neither a node name nor an "
-                                   "op type of the model")
 
     def _exempt(self, layers: list[Node]) -> dict[Node, str]:
         """The layers left whole, with why."""

@@ -36,7 +36,7 @@ from ir import Attr, CompileError, Model, Node, Value
 from .base import Change, ChangeLog, Pass, PassResult, Rewriter
 from .block_quant import BITS, block_params, expand, nbits_weight, nbits_zero_points, pack, rtn, signed_range
 from .gptq import gptq, inverse_factor
-from .patterns import attr, default_opset
+from .patterns import attr, check_exclude, default_opset
 
 FORMATS = ("nbits", "dq")
 ROUNDINGS = ("rtn", "gptq", "adaround")
@@ -189,7 +189,7 @@ class WeightOnly(Pass):
     def run(self, model: Model) -> PassResult:
         log = ChangeLog()
         rw = Rewriter(model, log, self.name)
-        self._check_exclude(model)
+        check_exclude(model, self.exclude, "weight-only", ("MatMul", "Gemm", "Gather"))
         found, skipped = targets(model, self.exclude)
         if self.format == "dq" and self.bits == 2:
             found, wrong = _fused_correctly(found)
@@ -219,13 +219,6 @@ class WeightOnly(Pass):
         if found or tables:
             self._imports(model, log)
         return PassResult(bool(found or tables), log)
-
-    def _check_exclude(self, model: Model) -> None:
-        known = {n.name for n in model.graph.nodes} | {n.op_type for n in model.graph.nodes} | \
-            {"MatMul", "Gemm", "Gather"}
-        for entry in self.exclude:
-            if entry not in known:
-                raise CompileError(f"weight-only: exclude '{entry}' is neither a node name nor an op type of the model")
 
     # -- rounding -----------------------------------------------------------------------------
 
