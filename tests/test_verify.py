@@ -317,6 +317,16 @@ def test_symbolic_dims_default_to_one_and_are_bound_by_shapes():
     assert feed["m"].shape == (2,)
 
 
+def test_a_negative_dimension_is_unknown():
+    # Paddle2ONNX writes dim_value -1 for a dynamic size (the PP-OCR models): it is not a size.
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [-1, 3])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [-1, 3])
+    proto = helper.make_model(helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g", [x], [y]))
+    model = ir.load(proto)
+    assert model.graph.inputs[0].shape == (None, 3)
+    assert random_feeds(model)[0]["x"].shape == (1, 3)
+
+
 def test_input_shape_for_an_unknown_input():
     with pytest.raises(CompileError) as info:
         random_feeds(typed_model(), {"z": (1,), "x": (1, 3)})
