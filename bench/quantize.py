@@ -118,7 +118,8 @@ def quantize_settings(task: Task, scratch: Path, cap: float, timeout: float) -> 
     prepare_for_quantize_static(task.model, pre)
     runs = [(f"onnxcc {m}" + (" (default)" if m == OUR_METHODS[0] else ""), "onnxcc", m, task.model, feeds)
             for m in OUR_METHODS]
-    runs.insert(1, ("onnxcc mse --integer-depthwise", "onnxcc-dw", "mse", task.model, feeds))
+    runs[1:1] = [(f"onnxcc mse --depthwise {mode}", f"onnxcc-{mode}", "mse", task.model, feeds)
+                 for mode in ("integer", "float")]
     for m in ORT_METHODS:
         runs.append((f"quantize_static {m}", "ort", m, pre, feeds))
         if fixed is not None and m != "MinMax":
@@ -152,7 +153,7 @@ def worker(tool: str, method: str, model: str, folder: str, out: str) -> dict:
 
         # The budget is the benchmark's to judge here: write the model whatever its cosine.
         result = compiler.compile(model, quantize="int8", calibration=folder, calibration_method=method,
-                                  min_cosine=0.0, integer_depthwise=tool == "onnxcc-dw")
+                                  min_cosine=0.0, depthwise=tool.partition("-")[2] or "auto")
         result.save(out)
     else:
         from bench.isolated import quantize_static_npz

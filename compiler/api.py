@@ -26,6 +26,7 @@ from .pipeline import get_pipeline
 from .prune import model_size, prune_passes, pruning_summary
 from .weight_only import upgrade_for_dq, weight_only_passes, weight_only_summary
 from .recovery import recovery_passes
+from .depthwise import FEEDS as DEPTHWISE_FEEDS, ChooseDepthwise
 from .fallback import BudgetedQuantize
 from .sensitivity import Sensitivity
 from .report import CompileReport
@@ -72,7 +73,7 @@ def compile(model, *, pipeline: str | Sequence[Pass] = "default", pipeline_optio
             calibration_table=None, calibration_method: str = "mse",
             calibration_samples: int | None = None, calibration_preprocess=None,
             exclude: Sequence[str] = (),
-            min_cosine: float = DEFAULT_MIN_COSINE, per_channel: bool = True, integer_depthwise: bool = False,
+            min_cosine: float = DEFAULT_MIN_COSINE, per_channel: bool = True, depthwise: str = "auto",
             prune: float | None = None, prune_mode: str = "unstructured", prune_scope: str = "layer",
             prune_importance: str | None = None, refit: str | None = None, prune_exclude: Sequence[str] = (),
             prune_first_last: bool = False, prune_multiple: int = 16, sparse_storage: bool = False,
@@ -97,9 +98,11 @@ def compile(model, *, pipeline: str | Sequence[Pass] = "default", pipeline_optio
     it; a folder of images with `calibration_preprocess`, a JSON file, dict or
     calibration.Preprocess) with `calibration_method`, or from `calibration_table` (a path or
     CalibrationTable); `exclude` names nodes or op types to keep in float; `per_channel=False`
-    gives one weight scale per tensor (models below opset 13); `integer_depthwise=True`
-    quantizes depthwise Convs too (faster on big maps, less accurate: rewrites/qdq_targets.py);
-    the result must keep every output's cosine with the float model at `min_cosine` or more.
+    gives one weight scale per tensor (models below opset 13); `depthwise` "auto" runs the
+    depthwise Convs on big maps as integer kernels except those that would lower the outputs'
+    worst SQNR on the verification feeds below keeping them all float (compiler/depthwise.py),
+    "integer" quantizes every one, "float" none; the result must keep every output's cosine
+    with the float model at `min_cosine` or more.
 
     `prune` (a share in [0, 1)) prunes after the pipeline and before quantizing:
     `prune_mode` "unstructured" or "2:4" zeroes weights (`prune_scope` "layer" or "global"
@@ -187,7 +190,7 @@ def compile(model, *, pipeline: str | Sequence[Pass] = "default", pipeline_optio
         # With weight_only, "gptq" is for the low-bit MatMuls; the int8 weights round to nearest.
         rounding = "rtn" if low_bit is not None and weight_rounding == "gptq" else weight_rounding
         stage, calibrate = quantize_passes(quantize, calib, held_out, calibration_table, calibration_method,
-                                           exclude, per_channel, integer_depthwise, equalizers, smooth_quant,
+                                           exclude, per_channel, depthwise, equalizers, smooth_quant,
                                            rounding, correct, progress)
         passes += stage
         tolerance = quantize_tolerance(min_cosine)
@@ -208,6 +211,11 @@ def compile(model, *, pipeline: str | Sequence[Pass] = "default", pipeline_optio
         passes[passes.index(calibrate.insert)] = budgeted
         if accuracy_metric is None:  # the budget is the cosine's: verification holds it too
             tolerance = quantize_tolerance(min(min_cosine, 1.0 - accuracy_budget))
+    chooser = None
+    if quantize is not None and depthwise == "auto" and budgeted is None:  # a budget measures itself
+        chooser = ChooseDepthwise(insert=calibrate.insert, progress=progress)
+        passes[passes.index(calibrate.insert)] = chooser
+        calibrate.depthwise_variants = True
     if sensitivity or budgeted is not None:
         if calib is None:
             raise CompileError("sensitivity analysis and accuracy budgets need calibration data (they "
@@ -216,7 +224,7 @@ def compile(model, *, pipeline: str | Sequence[Pass] = "default", pipeline_optio
     shapes = parse_input_shapes(input_shapes) if _is_spec_list(input_shapes) else \
         {k: tuple(v) for k, v in (input_shapes or {}).items()}  # parsed even unused: bad flags fail
     reference = []
-    if verify or verify_each_pass or sensitivity or budgeted is not None:
+    if verify or verify_each_pass or sensitivity or budgeted is not None or chooser is not None:
         if feeds is not None:
             feeds = [as_feed(f) for f in feeds]
         elif verify_data is not None:
@@ -235,6 +243,9 @@ def compile(model, *, pipeline: str | Sequence[Pass] = "default", pipeline_optio
         instruments.append(VerifyEachPass(feeds, reference, EXACT, lossy_tolerance=tolerance))
     if budgeted is not None:
         budgeted.feeds, budgeted.reference = feeds, reference
+    if chooser is not None:  # calibration feeds too, unless they can be read only once
+        more = [] if calib is None or calib.once else list(calib.limit(max(0, DEPTHWISE_FEEDS - len(feeds))))
+        chooser.feeds = feeds + more
     analysis = Sensitivity(calibrate.insert, feeds, reference, progress) if sensitivity else None
     instruments += [analysis] if analysis is not None else []
     if prune is not None or low_bit is not None:
@@ -245,6 +256,8 @@ def compile(model, *, pipeline: str | Sequence[Pass] = "default", pipeline_optio
         report.sensitivity = analysis.results
     if budgeted is not None:
         report.fallback = budgeted.curve
+    if chooser is not None and chooser.summary:
+        report.notes.append(chooser.summary)
     if dump is not None:
         report.notes += dump.write_analyses(report.sensitivity, report.fallback)
     if prune is not None:

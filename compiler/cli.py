@@ -94,9 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write the calibration table (JSON) so the compile can be reproduced")
     q.add_argument("--calibration-table", type=Path, metavar="FILE",
                    help="reuse a calibration table instead of calibrating (no data needed)")
-    q.add_argument("--integer-depthwise", action="store_true",
-                   help="quantize depthwise Convs too: faster on big maps, but less accurate "
-                        "(off: they stay float)")
+    q.add_argument("--depthwise", choices=["auto", "integer", "float"],
+                   help="depthwise Convs as integer kernels: auto (default) on big maps, except those "
+                        "that would lower the outputs' SQNR on the verification data below keeping them "
+                        "float; integer: all; float: none")
     q.add_argument("--per-tensor-weights", action="store_true",
                    help="one scale per weight tensor instead of per output channel (needed below opset 13)")
     q.add_argument("--weight-rounding", default="rtn", choices=["rtn", "gptq", "adaround"],
@@ -225,13 +226,13 @@ def _compile(args) -> int:
     if args.quantize:
         lossy.update(quantize=args.quantize, calibration_table=args.calibration_table,
                      calibration_method=args.calib_method, exclude=args.exclude,
-                     per_channel=not args.per_tensor_weights, integer_depthwise=args.integer_depthwise,
+                     per_channel=not args.per_tensor_weights, depthwise=args.depthwise or "auto",
                      sensitivity=args.sensitivity, accuracy_budget=args.accuracy_budget,
                      weight_rounding=args.weight_rounding)
     elif (args.calibration_table or args.save_calibration or args.exclude or args.sensitivity
-          or args.accuracy_budget is not None):
-        raise CompileError("--calibration-table, --save-calibration, --exclude, --sensitivity and "
-                           "--accuracy-budget need --quantize int8")
+          or args.accuracy_budget is not None or args.depthwise is not None):
+        raise CompileError("--calibration-table, --save-calibration, --exclude, --sensitivity, "
+                           "--accuracy-budget and --depthwise need --quantize int8")
     if args.smooth_quant is not None:
         if not args.quantize:
             raise CompileError("--smooth-quant needs --quantize int8")

@@ -25,6 +25,7 @@ from rewrites.patterns import default_opset
 from rewrites.qdq import InsertQDQ, plan
 from rewrites.qdq_targets import ORT_CPU
 
+from .depthwise import depthwise_candidates
 from .errors import CompileError
 from .verify import Tolerance
 
@@ -118,6 +119,8 @@ class Calibrate(Pass):
     # Also range what quantizing one planned node alone, or all but one, needs (the
     # sensitivity analysis quantizes those variants: excluding a Relu unabsorbs its input).
     node_variants: bool = False
+    # Also range what keeping each big depthwise Conv float needs (compiler/depthwise.py).
+    depthwise_variants: bool = False
     feeds_used: int = field(default=0, init=False)
 
     def run(self, model: Model) -> PassResult:
@@ -130,6 +133,10 @@ class Calibrate(Pass):
         wanted = plan(model, target, exclude=self.exclude, input_shapes=self.input_shapes).activations
         if self.node_variants:
             wanted = self._variant_tensors(model, target, wanted)
+        if self.depthwise_variants:
+            big, small = depthwise_candidates(model, self.insert)
+            excludes = [tuple(small) + tuple(big)] + [tuple(small) + (name,) for name in big]
+            wanted = self._union(model, target, wanted, excludes)
         if self.table is None:
             observers = {name: MinMaxObserver() if self.method == "minmax" else HistogramObserver()
                          for name in wanted}
@@ -158,11 +165,15 @@ class Calibrate(Pass):
 
     def _variant_tensors(self, model: Model, target, wanted: list[str]) -> list[str]:
         nodes = plan(model, target, exclude=self.exclude, input_shapes=self.input_shapes).nodes
+        excludes = [excluded for name in nodes for excluded in ((name,), tuple(n for n in nodes if n != name))]
+        return self._union(model, target, wanted, excludes)
+
+    def _union(self, model: Model, target, wanted: list[str], excludes) -> list[str]:
+        """`wanted`, then what the plans with each of `excludes` kept float also quantize."""
         out = list(wanted)
         seen = set(out)
-        for name in nodes:
-            for excluded in ((name,), tuple(n for n in nodes if n != name)):
-                variant = plan(model, target, exclude=self.exclude + excluded, input_shapes=self.input_shapes)
-                out += [t for t in variant.activations if t not in seen]
-                seen.update(variant.activations)
+        for excluded in excludes:
+            variant = plan(model, target, exclude=self.exclude + tuple(excluded), input_shapes=self.input_shapes)
+            out += [t for t in variant.activations if t not in seen]
+            seen.update(variant.activations)
         return out

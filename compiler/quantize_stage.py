@@ -18,16 +18,17 @@ from rewrites.qdq import InsertQDQ
 from rewrites.qdq_targets import ORT_CPU
 
 from .adaround import AdaRound, check_rounding
+from .depthwise import DEPTHWISE_MODES
 from .errors import CompileError
 from .quantize import Calibrate
 from .smooth_quant import CalibratedSmoothQuant, parse_alpha
 
 
-def quantize_passes(mode, calib, held_out, table, method, exclude, per_channel, integer_depthwise,
+def quantize_passes(mode, calib, held_out, table, method, exclude, per_channel, depthwise,
                     equalizers: list[Pass], smooth_quant, rounding: str, correct: Pass | None,
                     progress) -> tuple[list[Pass], Calibrate]:
     """(the passes, the Calibrate pass, which holds the InsertQDQ pass among them)."""
-    calibrate = calibrate_pass(mode, calib, held_out, table, method, exclude, per_channel, integer_depthwise,
+    calibrate = calibrate_pass(mode, calib, held_out, table, method, exclude, per_channel, depthwise,
                                progress)
     insert = calibrate.insert
     passes = list(equalizers) + _smooth_stage(smooth_quant, calib, calibrate, progress)
@@ -43,7 +44,7 @@ def quantize_passes(mode, calib, held_out, table, method, exclude, per_channel, 
     return passes + [insert, DeadCodeElimination()], calibrate
 
 
-def calibrate_pass(mode, calib, held_out, table, method, exclude, per_channel, integer_depthwise, progress):
+def calibrate_pass(mode, calib, held_out, table, method, exclude, per_channel, depthwise, progress):
     """The Calibrate pass, which holds the InsertQDQ pass that follows it."""
     if mode != "int8":
         raise CompileError(f"quantization '{mode}' is not supported (choose from: int8)")
@@ -52,7 +53,10 @@ def calibrate_pass(mode, calib, held_out, table, method, exclude, per_channel, i
     # Tensors are sized at the calibration inputs' shapes, or at those the table recorded. The
     # held-out feeds are read for it: they can be read again, a one-shot iterator cannot.
     shapes = table.inputs if table is not None else _first_shapes(held_out)
-    target = replace(ORT_CPU, integer_depthwise=True) if integer_depthwise else ORT_CPU
+    if depthwise not in DEPTHWISE_MODES:
+        raise CompileError(f"depthwise '{depthwise}' is not supported (choose from: {', '.join(DEPTHWISE_MODES)})")
+    # "auto" plans them integer; compiler/depthwise.py then keeps float those it must.
+    target = ORT_CPU if depthwise == "float" else replace(ORT_CPU, integer_depthwise=True)
     insert = InsertQDQ(target=target, exclude=tuple(exclude), per_channel=per_channel, input_shapes=shapes or None)
     return Calibrate(insert=insert, feeds=calib, method=method, exclude=tuple(exclude), table=table,
                      input_shapes=shapes or None, progress=progress)

@@ -334,7 +334,7 @@ def _weighted_ok(node: Node, target: Target) -> bool:
     """A constant float weight of the expected rank, a constant bias of one value per output
     channel, and the plain form of the op (what the integer kernels compute)."""
     w_index, b_index = target.weighted[node.op_type]
-    if _depthwise(node) and not target.integer_depthwise:
+    if is_depthwise(node) and not target.integer_depthwise:
         return False
     x, w = node.inputs[0], node.inputs[w_index] if w_index < len(node.inputs) else None
     if x is None or not _float(x) or not is_const(w) or w.const.dtype != TensorProto.FLOAT:
@@ -417,7 +417,7 @@ def _wanted_quantized(node: Node, calibrated: dict) -> bool:
             and all(id(v) in calibrated for v in outs))
 
 
-def _depthwise(node: Node) -> bool:
+def is_depthwise(node: Node) -> bool:
     """A grouped Conv with one input channel per group (MobileNet-style)."""
     group = attr(node, "group", 1)
     w = node.inputs[1] if len(node.inputs) > 1 else None

@@ -282,7 +282,7 @@ def test_compile_help_lists_every_flag_and_the_examples(capsys):
              "--freeze-inputs", "--quantize", "--calib", "--calib-preprocess", "--image-size", "--image-layout",
              "--image-channels", "--image-scale", "--image-mean", "--image-std", "--image-fit",
              "--calib-method", "--calib-samples", "--exclude",
-             "--save-calibration", "--calibration-table", "--integer-depthwise", "--per-tensor-weights",
+             "--save-calibration", "--calibration-table", "--depthwise", "--per-tensor-weights",
              "--weight-rounding", "--equalize", "--bias-correction", "--absorb-high-bias", "--sensitivity", "--accuracy-budget",
              "--smooth-quant", "--min-cosine", "--prune", "--prune-mode", "--prune-scope", "--prune-importance",
              "--refit", "--prune-multiple", "--prune-exclude", "--prune-first-last", "--sparse-storage", "--weight-only", "--block-size", "--weight-format",

@@ -111,7 +111,7 @@ def test_cli_calibration_flags_need_quantize(calib, tmp_path, capsys):
     assert "need --quantize int8, --prune or --weight-only" in capsys.readouterr().err
     assert main(["compile", str(TINY), "-o", str(tmp_path / "o.onnx"), "--exclude", "Conv"]) == 2
     assert capsys.readouterr().err == ("onnxcc: error: --calibration-table, --save-calibration, --exclude, "
-                                       "--sensitivity and --accuracy-budget need --quantize int8\n")
+                                       "--sensitivity, --accuracy-budget and --depthwise need --quantize int8\n")
 
 
 @pytest.fixture
@@ -194,14 +194,19 @@ def test_models_below_opset_13_are_upgraded_for_per_channel_weights(calib):
     assert result.report.verification.ok
 
 
-def test_integer_depthwise_option_quantizes_depthwise_convs():
+def test_depthwise_modes():
     from tests.test_qdq import depthwise_model
 
     rng = np.random.default_rng(5)
     feeds = [{"x": rng.standard_normal((1, 3, 16, 16)).astype(np.float32)} for _ in range(10)]
-    default = compiler.compile(depthwise_model(), quantize="int8", calibration=feeds)
-    both = compiler.compile(depthwise_model(), quantize="int8", calibration=feeds, integer_depthwise=True)
     weights = lambda result: sorted(t.name for t in result.model.graph.initializer if t.name.startswith("w"))  # noqa: E731
-    assert weights(default) == ["w1_quantized", "w1_scale", "w1_zero_point", "w2_quantized", "w2_scale",
-                                "w2_zero_point", "wd"]  # the depthwise weight stays float
+    float_dw = ["w1_quantized", "w1_scale", "w1_zero_point", "w2_quantized", "w2_scale", "w2_zero_point", "wd"]
+    for mode in ("float", "auto"):  # auto: an 8x16x16 map is small, where integer kernels lose
+        result = compiler.compile(depthwise_model(), quantize="int8", calibration=feeds, depthwise=mode)
+        assert weights(result) == float_dw, mode
+    assert result.report.notes[-1] == "depthwise Convs: 0 of 1 integer; 1 on small maps float"
+    both = compiler.compile(depthwise_model(), quantize="int8", calibration=feeds, depthwise="integer")
     assert "wd_quantized" in weights(both) and "wd" not in weights(both)
+    with pytest.raises(compiler.CompileError) as info:
+        compiler.compile(depthwise_model(), quantize="int8", calibration=feeds, depthwise="some")
+    assert str(info.value) == "depthwise 'some' is not supported (choose from: auto, integer, float)"

@@ -98,7 +98,7 @@ def test_cli_prints_the_ranked_table(tmp_path, capsys):
     assert "node     op                 cosine alone  SQNR alone  cosine without  SQNR without" in printed
     assert main(["compile", str(TINY), "-o", str(tmp_path / "o.onnx"), "--sensitivity"]) == 2
     assert capsys.readouterr().err == ("onnxcc: error: --calibration-table, --save-calibration, --exclude, "
-                                       "--sensitivity and --accuracy-budget need --quantize int8\n")
+                                       "--sensitivity, --accuracy-budget and --depthwise need --quantize int8\n")
 
 
 # -- budgeted float fallback ------------------------------------------------------------------
