@@ -1,0 +1,110 @@
+"""Which depthwise Convs `depthwise="auto"` quantizes (compiler/depthwise.py)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from onnx import TensorProto, helper, numpy_helper
+
+import compiler
+from compiler.depthwise import SLACK_DB, choose_float, pooled_sqnr
+
+
+def scorer(table: dict[tuple[str, ...], float], calls: list):
+    def score(kept: tuple[str, ...]) -> float:
+        calls.append(kept)
+        return table[kept]
+    return score
+
+
+def test_nothing_kept_float_when_all_integer_reaches_the_floor():
+    calls = []
+    assert choose_float(["a", "b"], scorer({(): 10.0}, calls), floor=9.0) == ((), [])
+    assert calls == [()]
+
+
+def test_the_best_alone_goes_float_first_until_the_floor():
+    table = {(): 5.0, ("a",): 6.0, ("b",): 8.0, ("c",): 7.0, ("b", "c"): 9.5}
+    calls = []
+    kept, steps = choose_float(["a", "b", "c"], scorer(table, calls), floor=9.0)
+    assert kept == ("b", "c") and steps == [("b", 8.0), ("c", 9.5)]
+    assert calls == [(), ("a",), ("b",), ("c",), ("b", "c")]
+
+
+def test_every_candidate_goes_float_when_the_floor_is_never_reached():
+    table = {(): 1.0, ("a",): 2.0, ("b",): 3.0, ("b", "a"): 4.0}
+    kept, steps = choose_float(["a", "b"], scorer(table, []), floor=9.0)
+    assert kept == ("b", "a") and steps == [("b", 3.0), ("a", 4.0)]
+
+
+def test_pooled_sqnr_sums_energies_over_feeds_and_takes_the_worst_output():
+    ref = [{"y": np.array([3.0, 4.0]), "z": np.array([1.0])}, {"y": np.array([0.0, 0.0]), "z": np.array([1.0])}]
+    out = [{"y": np.array([3.0, 4.0]), "z": np.array([1.1])}, {"y": np.array([0.5, 0.0]), "z": np.array([1.0])}]
+    # y: 25 / 0.25 -> 20 dB; z: 2 / 0.01 -> 23.0 dB
+    assert math.isclose(pooled_sqnr(ref, out), 20.0, rel_tol=1e-9)
+    assert pooled_sqnr(ref, ref) == math.inf
+
+
+def tanh_model(outlier: float, size: int = 80):
+    """pw1 -> Relu -> depthwise 3x3 -> Tanh -> pw2 -> GlobalAveragePool. Channel 0 of the
+    depthwise weights is scaled by `outlier`: one 8-bit scale for its output then leaves the
+    other channels a few levels, while float it goes through Tanh, which has no integer
+    kernel, and is quantized only after it saturates."""
+    rng = np.random.default_rng(0)
+    wd = rng.normal(0, 0.3, (8, 1, 3, 3)).astype(np.float32)
+    wd[0] *= outlier
+    inits = [numpy_helper.from_array(rng.normal(0, 0.3, (8, 3, 1, 1)).astype(np.float32), "w1"),
+             numpy_helper.from_array(wd, "wd"),
+             numpy_helper.from_array(rng.normal(0, 0.3, (4, 8, 1, 1)).astype(np.float32), "w2")]
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], name="pw1"),
+             helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+             helper.make_node("Conv", ["r1", "wd"], ["d"], name="dw", group=8, pads=[1, 1, 1, 1]),
+             helper.make_node("Tanh", ["d"], ["t"], name="tanh"),
+             helper.make_node("Conv", ["t", "w2"], ["c2"], name="pw2"),
+             helper.make_node("GlobalAveragePool", ["c2"], ["y"], name="gap")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, size, size])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 1, 1])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def feeds(n: int = 12, size: int = 80):
+    rng = np.random.default_rng(1)
+    return [{"x": rng.standard_normal((1, 3, size, size)).astype(np.float32)} for _ in range(n)]
+
+
+def depthwise_changes(result) -> list[str]:
+    return [f"{c.target}: {c.detail}" for r in result.report.records for c in (r.log.changes if r.log else [])
+            if c.kind == "depthwise"]
+
+
+def quantized_weights(result) -> set[str]:
+    return {t.name for t in result.model.graph.initializer if t.name.endswith("_quantized")}
+
+
+def test_auto_quantizes_a_big_depthwise_conv_that_does_not_hurt():
+    result = compiler.compile(tanh_model(outlier=1.0), quantize="int8", calibration=feeds())
+    assert "wd_quantized" in quantized_weights(result)
+    assert result.report.notes[-1] == "depthwise Convs: 1 of 1 integer"
+    changes = depthwise_changes(result)
+    assert len(changes) == 2 and changes[0].startswith("(every big one float): worst output SQNR ")
+    assert changes[0].endswith(f"dB; the floor is {SLACK_DB:g} dB below")
+    assert changes[1].startswith("(every big one integer): worst output SQNR ")
+
+
+def test_auto_keeps_float_a_big_depthwise_conv_whose_8_bit_output_hurts():
+    calibration = feeds()
+    result = compiler.compile(tanh_model(outlier=1000.0), quantize="int8", calibration=calibration)
+    assert "wd_quantized" not in quantized_weights(result)
+    assert result.report.notes[-1] == "depthwise Convs: 0 of 1 integer; kept float for accuracy: dw"
+    assert depthwise_changes(result)[2].startswith("dw: float: worst output SQNR then ")
+    integer = compiler.compile(tanh_model(outlier=1000.0), quantize="int8", calibration=calibration,
+                               depthwise="integer", min_cosine=0.0)
+    assert "wd_quantized" in quantized_weights(integer)
+    assert integer.report.verification.outputs[0].sqnr_db < result.report.verification.outputs[0].sqnr_db - 10
+
+
+def test_auto_leaves_small_maps_float_without_measuring():
+    result = compiler.compile(tanh_model(outlier=1.0, size=16), quantize="int8", calibration=feeds(size=16))
+    assert "wd_quantized" not in quantized_weights(result)
+    assert depthwise_changes(result) == ["dw: float: a small map, where integer kernels lose"]
