@@ -31,7 +31,8 @@ def w8a8(task, rounding: str, depthwise: bool, out: Path, per_channel: bool = Tr
     import compiler
 
     result = compiler.compile(str(task.model), quantize="int8", calibration=task.calibration, min_cosine=0.0,
-                              weight_rounding=rounding, integer_depthwise=depthwise, per_channel=per_channel)
+                              weight_rounding=rounding, depthwise="integer" if depthwise else "float",
+                              per_channel=per_channel)
     result.save(out)
     return task.evaluate(out), _pass_seconds(result)
 

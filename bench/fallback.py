@@ -3,7 +3,7 @@ character accuracy to stay within the budget of float, and the latency that leav
 
     python -m bench.fallback [--budget 0.003] [--calib 64] [--test 300] [--no-integer-depthwise]
 
-The recognizer is quantized with depthwise Convs as integer kernels too (the fast setting,
+The recognizer is quantized with every depthwise Conv as an integer kernel (--depthwise integer,
 which alone loses about 2 points), then `compile(accuracy_budget=..., accuracy_metric=...)`
 keeps nodes float one at a time, most harmful first, judging each step by character accuracy
 on text lines rendered from real sentences (bench/ocr_data.py's test split: other sentences
@@ -28,7 +28,7 @@ def main(argv=None) -> int:
     ap.add_argument("--budget", type=float, default=0.003, help="largest accuracy drop (0.003 = 0.3 points)")
     ap.add_argument("--calib", type=int, default=64, help="calibration lines")
     ap.add_argument("--test", type=int, default=300, help="test lines the accuracy is measured on")
-    ap.add_argument("--no-integer-depthwise", action="store_true", help="keep depthwise Convs float (the default)")
+    ap.add_argument("--no-integer-depthwise", action="store_true", help="plan depthwise Convs float (--depthwise float)")
     args = ap.parse_args(argv)
     import compiler
 
@@ -46,7 +46,7 @@ def main(argv=None) -> int:
 
     start = time.perf_counter()
     result = compiler.compile(str(task.model), quantize="int8", calibration=task.calibration,
-                              integer_depthwise=not args.no_integer_depthwise, accuracy_budget=args.budget,
+                              depthwise="float" if args.no_integer_depthwise else "integer", accuracy_budget=args.budget,
                               accuracy_metric=accuracy, min_cosine=0.0)
     seconds = time.perf_counter() - start
     base = accuracy(task.model)
