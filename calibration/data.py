@@ -299,7 +299,7 @@ def _random_shape(v, bound: tuple[int, ...] | None, symbols: dict[str, int]) -> 
         if v.shape is not None and len(bound) != len(v.shape):
             raise CompileError(f"--input-shape {v.name}: {len(bound)} dimensions given, the input has "
                                f"{len(v.shape)}")
-        if v.shape is not None and any(isinstance(d, int) and d != b for d, b in zip(v.shape, bound)):
+        if v.shape is not None and any(isinstance(d, int) and 0 <= d != b for d, b in zip(v.shape, bound)):
             raise CompileError(f"--input-shape {v.name}={','.join(map(str, bound))} contradicts its fixed "
                                f"shape {list(v.shape)}")
         shape = tuple(bound)
@@ -307,7 +307,8 @@ def _random_shape(v, bound: tuple[int, ...] | None, symbols: dict[str, int]) -> 
         raise CompileError(f"input '{v.name}' has unknown rank; give its shape with --input-shape "
                            f"{v.name}=D1,D2,...")
     else:
-        shape = tuple(d if isinstance(d, int) else symbols.get(d, DEFAULT_DIM) for d in v.shape)
+        # A negative size is unknown too: Paddle2ONNX writes dim_value -1 for a dynamic one.
+        shape = tuple(d if isinstance(d, int) and d >= 0 else symbols.get(d, DEFAULT_DIM) for d in v.shape)
     if int(np.prod(shape)) > MAX_RANDOM_ELEMENTS:
         raise CompileError(f"input '{v.name}' of shape {list(shape)} is too large for a random feed")
     return shape

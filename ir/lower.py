@@ -376,8 +376,7 @@ def _typed(v: Value, vi: onnx.ValueInfoProto) -> Value:
 
 def _dim(d) -> int | str | None:
     if d.HasField("dim_value"):
-        # Some exporters (Paddle2ONNX) write -1 for a dynamic size: unknown, not a size.
-        return d.dim_value if d.dim_value >= 0 else None
+        return d.dim_value
     if d.HasField("dim_param"):
         return d.dim_param
     return None
