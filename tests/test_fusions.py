@@ -18,8 +18,8 @@ from onnx import helper, numpy_helper, parser
 
 import ir
 from rewrites.base import Reject
-from rewrites.fusions import (FuseBatchNorm, FuseConvAdd, FuseConvMul, FuseGelu, FuseHardSwish,
-                              FuseLayerNorm, FuseMatMulAdd, fuse)
+from rewrites.fusions import (FuseBatchNorm, FuseConvAdd, FuseConvInputAffine, FuseConvMul, FuseGelu,
+                              FuseHardSwish, FuseLayerNorm, FuseMatMulAdd, fuse)
 from tests.real_models import find_model_files, realistic_feeds
 
 ATOL, RTOL = 1e-5, 1e-4  # compiler/verify.py's Tolerance for exact pipelines
@@ -374,6 +374,72 @@ def test_conv_add_and_mul_rejects():
     bias_is_input = CONV_ADD.replace("(float[1,2,3,3] x)", "(float[1,2,3,3] x, float[2] b)") \
         .replace("float[2] b = {1.0, -1.0}, ", "")
     assert verdict(FuseConvAdd(), parse(bias_is_input), "Add") == Reject("Conv bias is not constant")
+
+
+# -- per-channel Mul and Add into the Conv after them -----------------------------------------
+
+INPUT_AFFINE = """<ir_version: 10, opset_import: ["" : 21]>
+g (float[1,2,3,3] x) => (float[1,2,3,3] y)
+  <float[2,2,1,1] w = {1.0, 2.0, 3.0, 4.0}, float s = {2.0}, float k = {0.5}> {
+  r = Relu(x)
+  u = Mul(r, s)
+  v = Add(u, k)
+  y = Conv <pads = [0, 0, 0, 0]> (v, w)
+}"""
+
+
+def test_affine_block_into_the_next_conv_golden():
+    """PP-OCRv4's learnable affine block after an activation: Mul(scalar), Add(scalar), Conv."""
+    model = parse(INPUT_AFFINE)
+    result = fuse().run(model)
+    ir.verify(model)
+    assert result.log.by_rule() == {"FuseConvInputAffine": 2}
+    assert ir.print_graph(model.graph) == (
+        'graph "g" (%x: float32[1,2,3,3]) {\n'
+        "  init %w = float32[2,2,1,1] [1.0, 2.0, 3.0, 4.0]\n"
+        "  init %s = float32[] [2.0]\n"
+        "  init %k = float32[] [0.5]\n"
+        "  init %Conv__1_bias_shifted = float32[2] [1.5, 3.5]\n"
+        "  init %w_scaled = float32[2,2,1,1] [2.0, 4.0, 6.0, 8.0]\n"
+        "  %r: ? = Relu(%x)  # Relu__1\n"
+        "  %y: float32[1,2,3,3] = Conv(%r, %w_scaled, %Conv__1_bias_shifted) {pads=[0, 0, 0, 0]}  # Conv__1_1\n"
+        "  return %y: float32[1,2,3,3]\n"
+        "}\n")
+
+
+@pytest.mark.parametrize("shape", [[1, 4, 1, 1], [4, 1, 1], [], [1]])
+@pytest.mark.parametrize("op, pads", [("Mul", [1, 1, 1, 1]), ("Mul", [0, 0, 0, 0]), ("Add", [0, 0, 0, 0])])
+@pytest.mark.parametrize("bias", [False, True])
+def test_channel_mul_and_add_into_the_next_conv_keep_numbers(shape, op, pads, bias):
+    rng = np.random.default_rng(8)
+    inits = [init("w", rng.normal(0, 0.5, (6, 2, 3, 3))), init("k", rng.normal(1, 0.5, shape))]
+    inits += [init("b", rng.normal(0, 1, 6))] if bias else []
+    model = build([helper.make_node(op, ["k", "x"], ["t"]),
+                   helper.make_node("Conv", ["t", "w"] + (["b"] if bias else []), ["y"], group=2, pads=pads,
+                                    strides=[2, 2])],
+                  [tensor("x", [1, 4, 7, 7])], [tensor("y", [1, 6, 4 if pads[0] else 3, 4 if pads[0] else 3])], inits)
+    feeds = [{"x": rng.normal(0, 1, (1, 4, 7, 7)).astype(np.float32)}]
+    assert fuse_and_compare(model, feeds) == {"FuseConvInputAffine": 1}
+    assert ops(model) == ["Conv"]
+
+
+def test_conv_input_affine_rejects():
+    padded = INPUT_AFFINE.replace("pads = [0, 0, 0, 0]", "pads = [1, 1, 1, 1]").replace("float[1,2,3,3] y", "float[1,2,5,5] y")
+    assert verdict(FuseConvInputAffine(), parse(padded), "Conv") == \
+        Reject("Conv pads its input: the border would lose the Add")
+    same = INPUT_AFFINE.replace("pads = [0, 0, 0, 0]", "auto_pad = \"SAME_UPPER\"")
+    assert verdict(FuseConvInputAffine(), parse(same), "Conv") == \
+        Reject("Conv pads its input: the border would lose the Add")
+    last_axis = INPUT_AFFINE.replace("float k = {0.5}", "float[3] k = {0.5, 0.5, 0.5}")
+    vector = INPUT_AFFINE.replace("float k = {0.5}", "float[2,1,1] k = {0.5, 0.5}")
+    assert verdict(FuseConvInputAffine(), parse(last_axis), "Conv") == \
+        Reject("constant does not broadcast per input channel")
+    dynamic = INPUT_AFFINE.replace("(float[1,2,3,3] x)", "(float[1,2,3,3] x, float k)").replace(", float k = {0.5}", "")
+    assert verdict(FuseConvInputAffine(), parse(dynamic), "Conv") == Reject("Add has no single constant operand")
+    assert verdict(FuseConvInputAffine(), parse(vector), "Conv") == \
+        Reject("Add input is not known to have the Conv's 2 channels")
+    relu = INPUT_AFFINE.replace("y = Conv <pads = [0, 0, 0, 0]> (v, w)", "y = Conv <pads = [0, 0, 0, 0]> (r, w)")
+    assert verdict(FuseConvInputAffine(), parse(relu), "Conv") == Reject("input is not produced by Mul or Add")
 
 
 # -- MatMul + Add -> Gemm ---------------------------------------------------------------------
@@ -810,7 +876,7 @@ def test_fuse_pass_is_named_and_settles():
     p = fuse()
     assert p.name == "fuse"
     assert [type(r).__name__ for r in p.rules] == ["FuseBatchNorm", "FuseConvAdd", "FuseConvMul",
-                                                  "FuseMatMulAdd", "FuseLayerNorm", "FuseGelu",
+                                                  "FuseConvInputAffine", "FuseMatMulAdd", "FuseLayerNorm", "FuseGelu",
                                                   "FuseHardSwish"]
     model = parse(CONV_BN)
     assert p.run(model).changed
@@ -827,9 +893,9 @@ def test_fused_graph_output_keeps_its_name():
 OCR_MODELS = find_model_files("rapidocr_onnxruntime")
 OCR_FOLDS = {  # rewrites per rule on the shipped models, and nodes before -> after
     "ch_PP-OCRv4_det_infer.onnx": ({"FuseBatchNorm": 3, "FuseConvMul": 28, "FuseConvAdd": 30,
-                                    "FuseHardSwish": 24}, 672, 338),
+                                    "FuseHardSwish": 24, "FuseConvInputAffine": 26}, 672, 307),
     "ch_PP-OCRv4_rec_infer.onnx": ({"FuseBatchNorm": 6, "FuseConvMul": 28, "FuseConvAdd": 28,
-                                    "FuseHardSwish": 28}, 860, 488),
+                                    "FuseHardSwish": 28, "FuseConvInputAffine": 24}, 860, 452),
     "ch_ppocr_mobile_v2.0_cls_infer.onnx": ({"FuseBatchNorm": 35, "FuseHardSwish": 18}, 566, 248),
 }
 
