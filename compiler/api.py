@@ -145,8 +145,9 @@ def compile(model, *, pipeline: str | Sequence[Pass] = "default", pipeline_optio
     equalization) moves the part of a Relu layer's bias its BatchNorm statistics say is always
     passed into the next layer's bias (lossy; rewrites/absorb_bias.py).
     `progress(done, total)` is called as calibration feeds are read,
-    `progress(done, total, "sensitivity")` as nodes are measured and `progress(done, total,
-    "fallback")` as fallback steps are tried."""
+    `progress(done, total, "sensitivity")` as nodes are measured, `progress(done, total,
+    "depthwise")` as depthwise Convs are measured and `progress(done, total, "fallback")` as
+    fallback steps are tried."""
     source = _as_source(model)
     ir_model = ir.load(source)
     notes = []

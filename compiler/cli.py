@@ -301,14 +301,14 @@ def _floats(text: str) -> list[float]:
 
 
 def _progress():
-    """A one-line progress counter for calibration (feeds), sensitivity analysis (nodes) and
-    the budgeted fallback (steps), on a terminal only."""
+    """A one-line progress counter for calibration (feeds), sensitivity analysis (nodes), the
+    depthwise choice (depthwise Convs) and the budgeted fallback (steps), on a terminal only."""
     if not sys.stderr.isatty():
         return None
 
     def show(done: int, total: int | None, stage: str = "calibrating") -> None:
         of = f"/{total}" if total else ""
-        unit = {"sensitivity": "nodes", "fallback": "steps"}.get(stage, "feeds")
+        unit = {"sensitivity": "nodes", "depthwise": "depthwise Convs", "fallback": "steps"}.get(stage, "feeds")
         end = "\n" if total and done == total else ""
         print(f"\r{stage}: {done}{of} {unit}", end=end, file=sys.stderr, flush=True)
 

@@ -194,6 +194,21 @@ def test_models_below_opset_13_are_upgraded_for_per_channel_weights(calib):
     assert result.report.verification.ok
 
 
+def test_cli_depthwise_mode(tmp_path):
+    from tests.test_qdq import depthwise_model
+
+    onnx.save(depthwise_model(), tmp_path / "dw.onnx")
+    rng = np.random.default_rng(5)
+    for i in range(6):
+        np.savez(tmp_path / f"{i}.npz", x=rng.standard_normal((1, 3, 16, 16)).astype(np.float32))
+    for mode, quantized in (("integer", True), ("float", False)):
+        out = tmp_path / f"{mode}.onnx"
+        assert main(["compile", str(tmp_path / "dw.onnx"), "-o", str(out), "--quantize", "int8",
+                     "--calib", str(tmp_path), "--depthwise", mode]) == 0
+        names = {t.name for t in onnx.load(out).graph.initializer}
+        assert ("wd_quantized" in names) == quantized, mode
+
+
 def test_depthwise_modes():
     from tests.test_qdq import depthwise_model
 
