@@ -151,7 +151,8 @@ class Calibrate(Pass):
         missing = [name for name in wanted if name not in self.table]
         if missing:
             raise CompileError(f"calibration table has no entry for tensor '{missing[0]}' "
-                               f"({len(missing)} missing); recalibrate with --calib DIR")
+                               f"({len(missing)} missing); recalibrate with --calib DIR, or compile with the "
+                               f"options the table was saved with (--depthwise, --exclude)")
         if self.insert is not None:
             self.insert.table = self.table
         log = ChangeLog()

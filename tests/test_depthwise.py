@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import compiler
@@ -108,3 +109,22 @@ def test_auto_leaves_small_maps_float_without_measuring():
     result = compiler.compile(tanh_model(outlier=1.0, size=16), quantize="int8", calibration=feeds(size=16))
     assert "wd_quantized" not in quantized_weights(result)
     assert depthwise_changes(result) == ["dw: float: a small map, where integer kernels lose"]
+
+
+def test_a_saved_table_ranges_what_auto_measures():
+    first = compiler.compile(tanh_model(outlier=1000.0), quantize="int8", calibration=feeds())
+    again = compiler.compile(tanh_model(outlier=1000.0), quantize="int8", calibration_table=first.calibration_table)
+    assert again.report.notes[-1] == "depthwise Convs: 0 of 1 integer; kept float for accuracy: dw"
+    assert quantized_weights(again) == quantized_weights(first)
+
+
+def test_a_table_saved_for_float_depthwise_convs_does_not_range_them():
+    saved = compiler.compile(tanh_model(outlier=1.0), quantize="int8", calibration=feeds(), depthwise="float")
+    with pytest.raises(compiler.CompileError) as info:
+        compiler.compile(tanh_model(outlier=1.0), quantize="int8", calibration_table=saved.calibration_table)
+    assert str(info.value).endswith(
+        "calibration table has no entry for tensor 'd' (1 missing); recalibrate with --calib DIR, or compile "
+        "with the options the table was saved with (--depthwise, --exclude)")
+    same = compiler.compile(tanh_model(outlier=1.0), quantize="int8", calibration_table=saved.calibration_table,
+                            depthwise="float")
+    assert "wd_quantized" not in quantized_weights(same)
