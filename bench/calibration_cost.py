@@ -98,8 +98,11 @@ def quantize_once(tool: str, method: str, n: int, model: Path, feeds: Path, out:
     if tool == "onnxcc":
         done = []
         t0 = time.perf_counter()
+        # Depthwise Convs float: calibration is measured here, not the depthwise choice, which
+        # measures quantized variants after it (compiler/depthwise.py).
         result = compiler.compile(model, quantize="int8", calibration=feeds, calibration_method=method,
-                                  calibration_samples=n, verify=False, progress=lambda i, _: done.append(i))
+                                  calibration_samples=n, verify=False, depthwise="float",
+                                  progress=lambda i, _: done.append(i))
         result.save(out)
         wall = time.perf_counter() - t0
         used = done[-1] if done else 0
