@@ -128,3 +128,24 @@ def test_a_table_saved_for_float_depthwise_convs_does_not_range_them():
     same = compiler.compile(tanh_model(outlier=1.0), quantize="int8", calibration_table=saved.calibration_table,
                             depthwise="float")
     assert "wd_quantized" not in quantized_weights(same)
+
+
+@pytest.mark.slow
+def test_on_the_ocr_recognizer_auto_keeps_the_harmful_layer_float_and_the_accuracy(tmp_path):
+    """The PP-OCRv4 recognizer on 64 rendered calibration lines (bench/ocr_data.py): every
+    depthwise Conv integer costs about 2.5 points of character accuracy, all from its first
+    one; auto keeps that one float and stays within 0.5 points of float. About 30 s."""
+    pytest.importorskip("PIL", reason="pillow renders the text lines (the test extra has it)")
+    from bench import ocr_data
+
+    try:
+        model = ocr_data.model_path("rec")
+    except FileNotFoundError:
+        pytest.skip("rapidocr-onnxruntime is not installed (CI installs it)")
+    samples = ocr_data.rec_samples("test", 150)
+    result = compiler.compile(str(model), quantize="int8", calibration=ocr_data.calibration_feeds("rec", 64),
+                              min_cosine=0.9)  # CTC outputs: a near tie flips a character's peak
+    assert result.report.notes[-1] == "depthwise Convs: 13 of 14 integer; kept float for accuracy: p2o.Conv.1"
+    float_accuracy = ocr_data.evaluate("rec", str(model), samples)
+    accuracy = ocr_data.evaluate("rec", str(result.save(tmp_path / "rec.onnx")), samples)
+    assert float_accuracy - accuracy <= 0.005
