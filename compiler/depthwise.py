@@ -6,9 +6,10 @@ residual Adds) then run integer too, without DequantizeLinear/QuantizeLinear and
 Transposes between them. Some depthwise layers, though, cannot take 8-bit outputs: on the
 PP-OCRv4 recognizer the first one alone costs 2 points of character accuracy. A fixed rule
 cannot tell them apart, so this pass measures: it quantizes every big depthwise Conv, and
-while the outputs' worst SQNR (pooled over the verification feeds and up to FEEDS of the
-calibration ones: a harmful layer shows on a few lines of text only) is more than SLACK_DB below what
-keeping every depthwise Conv float gives, keeps float the one whose float return helps most.
+while the outputs' worst SQNR is more than SLACK_DB below what keeping every depthwise Conv
+float gives, keeps float the one whose return to float helps most. The SQNR is pooled over
+up to FEEDS feeds, the verification ones then calibration ones: a harmful layer shows on a
+few lines of text only, which the four held-out lines can miss.
 
 Small maps (under the target's `small_tensor` elements at the calibration shapes) stay
 float outright: there integer depthwise kernels lose to float ones.
@@ -35,10 +36,10 @@ from .verify import run, runnable
 
 DEPTHWISE_MODES = ("auto", "integer", "float")
 # More quantized tensors mean a little more noise even where nothing goes wrong: the PP-OCRv4
-# detector loses 1.1 dB with every depthwise Conv integer and keeps its F1, while the
+# detector loses 1.0 dB with every depthwise Conv integer and keeps its F1, while the
 # recognizer's harmful layer costs 2.8 dB (and 2 points of character accuracy).
 SLACK_DB = 1.5
-FEEDS = 16
+FEEDS = 16  # feeds the SQNR is pooled over, at most
 
 
 def depthwise_candidates(model: Model, insert: InsertQDQ) -> tuple[list[str], list[str]]:
@@ -82,7 +83,8 @@ def pooled_sqnr(reference: list[dict], outputs: list[dict]) -> float:
     worst = math.inf
     for name in reference[0] if reference else []:
         signal = sum(float(np.sum(np.square(r[name], dtype=np.float64))) for r in reference)
-        noise = sum(float(np.sum(np.square(r[name].astype(np.float64) - o[name]))) for r, o in zip(reference, outputs))
+        noise = sum(float(np.sum(np.square(r[name].astype(np.float64) - o[name])))
+                    for r, o in zip(reference, outputs))
         worst = min(worst, math.inf if noise == 0 else 10 * math.log10(max(signal, 1e-30) / noise))
     return worst
 
@@ -144,4 +146,5 @@ class ChooseDepthwise(Pass):
         return kept
 
 
-__all__ = ["DEPTHWISE_MODES", "FEEDS", "SLACK_DB", "pooled_sqnr", "ChooseDepthwise", "choose_float", "depthwise_candidates"]
+__all__ = ["DEPTHWISE_MODES", "FEEDS", "SLACK_DB", "ChooseDepthwise", "choose_float", "depthwise_candidates",
+           "pooled_sqnr"]
