@@ -98,7 +98,7 @@ def plan(model: Model, target: Target = ORT_CPU, exclude=(), input_shapes: dict 
             if id(node) in quantized_nodes or not _default(node) or _excluded(node, excluded):
                 continue
             op = node.op_type
-            if op in target.weighted and _weighted_ok(node, target):
+            if op in target.weighted and _weighted_ok(node, target) and not _float_stem(node, target, shapes):
                 out_is_graph_output = id(group_output(node)[0]) in outputs
                 if out_is_graph_output and op in target.needs_output_q:
                     continue  # without its output Q the runtime leaves it float
@@ -328,6 +328,14 @@ def weight_axis(node: Node) -> int:
     if node.op_type == "Conv" or (node.op_type == "Gemm" and attr(node, "transB", 0)):
         return 0
     return 1
+
+
+def _float_stem(node: Node, target: Target, shapes: dict | None) -> bool:
+    """A plain Conv on at most `target.float_stem_channels` channels whose output is known
+    to be large (at the calibration shapes)."""
+    w = node.inputs[1] if len(node.inputs) > 1 else None
+    return (node.op_type == "Conv" and attr(node, "group", 1) == 1 and is_const(w) and len(w.const.shape) >= 3
+            and w.const.shape[1] <= target.float_stem_channels and target.is_known_large(node.outputs[0], shapes))
 
 
 def _weighted_ok(node: Node, target: Target) -> bool:

@@ -48,14 +48,15 @@ def test_pooled_sqnr_sums_energies_over_feeds_and_takes_the_worst_output():
 
 
 def tanh_model(outlier: float, size: int = 80):
-    """pw1 -> Relu -> depthwise 3x3 -> Tanh -> pw2 -> GlobalAveragePool. Channel 0 of the
+    """pw1 -> Relu -> depthwise 3x3 -> Tanh -> pw2 -> GlobalAveragePool (6 input channels:
+    more than a float stem has). Channel 0 of the
     depthwise weights is scaled by `outlier`: one 8-bit scale for its output then leaves the
     other channels a few levels, while float it goes through Tanh, which has no integer
     kernel, and is quantized only after it saturates."""
     rng = np.random.default_rng(0)
     wd = rng.normal(0, 0.3, (8, 1, 3, 3)).astype(np.float32)
     wd[0] *= outlier
-    inits = [numpy_helper.from_array(rng.normal(0, 0.3, (8, 3, 1, 1)).astype(np.float32), "w1"),
+    inits = [numpy_helper.from_array(rng.normal(0, 0.3, (8, 6, 1, 1)).astype(np.float32), "w1"),
              numpy_helper.from_array(wd, "wd"),
              numpy_helper.from_array(rng.normal(0, 0.3, (4, 8, 1, 1)).astype(np.float32), "w2")]
     nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], name="pw1"),
@@ -64,14 +65,14 @@ def tanh_model(outlier: float, size: int = 80):
              helper.make_node("Tanh", ["d"], ["t"], name="tanh"),
              helper.make_node("Conv", ["t", "w2"], ["c2"], name="pw2"),
              helper.make_node("GlobalAveragePool", ["c2"], ["y"], name="gap")]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, size, size])],
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 6, size, size])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 1, 1])], inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
 
 
 def feeds(n: int = 12, size: int = 80):
     rng = np.random.default_rng(1)
-    return [{"x": rng.standard_normal((1, 3, size, size)).astype(np.float32)} for _ in range(n)]
+    return [{"x": rng.standard_normal((1, 6, size, size)).astype(np.float32)} for _ in range(n)]
 
 
 def depthwise_changes(result) -> list[str]:
@@ -100,7 +101,7 @@ def test_auto_keeps_float_a_big_depthwise_conv_whose_8_bit_output_hurts():
     assert result.report.notes[-1] == "depthwise Convs: 0 of 1 integer; kept float for accuracy: dw"
     assert depthwise_changes(result)[2].startswith("dw: float: worst output SQNR then ")
     integer = compiler.compile(tanh_model(outlier=1000.0), quantize="int8", calibration=calibration,
-                               depthwise="integer", min_cosine=0.0)
+                               depthwise="integer", min_cosine=-1.0)
     assert "wd_quantized" in quantized_weights(integer)
     assert integer.report.verification.outputs[0].sqnr_db < result.report.verification.outputs[0].sqnr_db - 10
 

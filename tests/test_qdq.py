@@ -183,6 +183,16 @@ def test_plan_depthwise_conv_stays_float_on_ort_cpu_unless_asked():
     assert plan(model, replace(ORT_CPU, integer_depthwise=True)).weighted == ["pw1", "dw", "pw2"]
 
 
+def test_an_image_stem_on_a_large_map_stays_float():
+    """QLinearConv on 3 input channels loses to ORT's float NCHWc kernel (qdq_targets.py)."""
+    model = ir.load(depthwise_model())  # pw1 reads the 3-channel image
+    assert plan(model, input_shapes={"x": (1, 3, 80, 80)}).weighted == ["pw2"]  # 8x80x80 out
+    assert plan(model, input_shapes={"x": (1, 3, 16, 16)}).weighted == ["pw1", "pw2"]  # small
+    assert plan(model).weighted == ["pw1", "pw2"]  # [N, 8, H, W]: not known to be large
+    no_rule = replace(ORT_CPU, float_stem_channels=0)
+    assert plan(model, no_rule, input_shapes={"x": (1, 3, 80, 80)}).weighted == ["pw1", "pw2"]
+
+
 def test_tensor_sizes_come_from_the_calibration_inputs():
     target, d = ORT_CPU, ir.load(depthwise_model()).graph.nodes[2].outputs[0]
     assert not target.is_small(d)  # [N, 8, H, W]: unknown sizes may be large
