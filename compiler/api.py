@@ -26,7 +26,7 @@ from .pipeline import get_pipeline
 from .prune import model_size, prune_passes, pruning_summary
 from .weight_only import upgrade_for_dq, weight_only_passes, weight_only_summary
 from .recovery import recovery_passes
-from .depthwise import FEEDS as DEPTHWISE_FEEDS, ChooseDepthwise
+from .depthwise import ChooseDepthwise
 from .fallback import BudgetedQuantize
 from .sensitivity import Sensitivity
 from .report import CompileReport
@@ -245,8 +245,7 @@ def compile(model, *, pipeline: str | Sequence[Pass] = "default", pipeline_optio
     if budgeted is not None:
         budgeted.feeds, budgeted.reference = feeds, reference
     if chooser is not None:  # calibration feeds too, unless they can be read only once
-        more = [] if calib is None or calib.once else list(calib.limit(max(0, DEPTHWISE_FEEDS - len(feeds))))
-        chooser.feeds = feeds + more
+        chooser.feeds, chooser.more = feeds, None if calib is None or calib.once else calib
     analysis = Sensitivity(calibrate.insert, feeds, reference, progress) if sensitivity else None
     instruments += [analysis] if analysis is not None else []
     if prune is not None or low_bit is not None:

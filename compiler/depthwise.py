@@ -22,7 +22,8 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable
+from itertools import islice
+from typing import Callable, Iterable
 
 import numpy as np
 
@@ -92,13 +93,16 @@ def pooled_sqnr(reference: list[dict], outputs: list[dict]) -> float:
 @dataclass
 class ChooseDepthwise(Pass):
     """`insert` (whose target quantizes depthwise Convs) with the depthwise Convs that would
-    lower the outputs' worst SQNR on `feeds` (against the model as it stands before
-    quantization) more than SLACK_DB below the all-float placement's kept float."""
+    lower the outputs' worst SQNR on `feeds` and the first of `more` (FEEDS in all; against
+    the model as it stands before quantization) more than SLACK_DB below the all-float
+    placement's kept float."""
 
     name = "quantize"
     exact = False
     insert: InsertQDQ | None = None
     feeds: list = field(default_factory=list)
+    # Calibration feeds to pool with `feeds` up to FEEDS; read only when there is a choice to make.
+    more: Iterable | None = None
     progress: Callable | None = None
     kept_float: tuple[str, ...] = field(default=(), init=False)  # the result, for tests and the log
     summary: str = field(default="", init=False)  # one line for the report
@@ -128,12 +132,13 @@ class ChooseDepthwise(Pass):
     def _choose(self, model: Model, big: list[str], small: tuple[str, ...], scratch: Path,
                 log: ChangeLog) -> tuple[str, ...]:
         measured: dict[tuple[str, ...], float] = {}
-        reference = run(runnable(model, scratch), self.feeds, "the model before quantization")
+        feeds = list(self.feeds) + list(islice(self.more or (), max(0, FEEDS - len(self.feeds))))
+        reference = run(runnable(model, scratch), feeds, "the model before quantization")
 
         def sqnr(float_nodes: tuple[str, ...]) -> float:
             if float_nodes not in measured:
                 variant = quantized_variant(model, self.insert, small + float_nodes, scratch)
-                measured[float_nodes] = pooled_sqnr(reference, run(variant, self.feeds, "a depthwise variant"))
+                measured[float_nodes] = pooled_sqnr(reference, run(variant, feeds, "a depthwise variant"))
             return measured[float_nodes]
 
         floor = sqnr(tuple(big)) - SLACK_DB
