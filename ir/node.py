@@ -38,7 +38,7 @@ class Attr:
 
 
 class Node:
-    __slots__ = ("op_type", "domain", "name", "name_generated", "overload", "attributes",
+    __slots__ = ("op_type", "domain", "name", "name_generated", "intended_name", "overload", "attributes",
                  "doc_string", "metadata_props", "_inputs", "_outputs", "graph")
 
     def __init__(self, op_type: str, inputs: Iterable[Value | None] = (),
@@ -49,6 +49,9 @@ class Node:
         self.name = name
         # Lowering names unnamed nodes (names must be unique); emission leaves them unnamed.
         self.name_generated = False
+        # A rewrite named this node after one it replaces, which still held the name: it takes
+        # the name when that node is removed (users exclude and read nodes by their names).
+        self.intended_name: str | None = None
         self.overload = overload
         self.attributes: dict[str, Attr] = dict(attributes or {})
         self.doc_string = ""

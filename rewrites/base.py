@@ -94,6 +94,7 @@ class Rewriter:
         self.rule = rule
         self._names = {v.name for g in model.graphs() for v in _values(g)}
         self._node_names = {n.name for g in model.graphs() for n in g.nodes}
+        self._heirs = {n.intended_name: n for g in model.graphs() for n in g.nodes if n.intended_name}
         self._output_ids: set[int] | None = None
         self._next_suffix: dict[tuple[int, str], int] = {}
         self._function_bodies = {id(f.graph) for f in model.functions}
@@ -128,6 +129,9 @@ class Rewriter:
                    for i in range(num_outputs)]
         node = Node(op_type, inputs, outputs, domain=domain, name=self._claim(base, self._node_names),
                     attributes=attributes)
+        if name and node.name != name:  # named after a node it replaces: the name comes later
+            node.intended_name = name
+            self._heirs.setdefault(name, node)
         if before is None:
             graph.append(node)
         else:
@@ -145,6 +149,20 @@ class Rewriter:
             if any(True for _ in node.subgraphs()):
                 self._output_ids = None  # its bodies' outputs are no longer graph outputs
             self._record("remove-node", node.name, node.op_type)
+        for node in nodes:
+            self._pass_name_on(node)
+
+    def _pass_name_on(self, removed: Node) -> None:
+        """A removed node's name goes to the live node that was named after it, if any."""
+        name = removed.name
+        self._node_names.discard(name)
+        heir = self._heirs.pop(name, None)
+        if heir is None or heir.graph is None or heir.intended_name != name:
+            return
+        self._record("rename-node", heir.name, f"to {name}")
+        self._node_names.discard(heir.name)
+        self._node_names.add(name)
+        heir.name, heir.intended_name, heir.name_generated = name, None, removed.name_generated
 
     def set_input(self, node: Node, index: int, value: Value | None) -> None:
         old = node.inputs[index]

@@ -22,7 +22,7 @@ from calibration.table import CalibrationTable
 from ir import Attr, CompileError, Graph, Model, Node, Value
 
 from .base import ChangeLog, Pass, PassResult, Rewriter
-from .patterns import attr, const, default_opset, is_const
+from .patterns import attr, check_exclude, const, default_opset, is_const
 from .qdq_targets import ORT_CPU, Target
 from .shapes import bound_shapes
 
@@ -56,6 +56,7 @@ def plan(model: Model, target: Target = ORT_CPU, exclude=(), input_shapes: dict 
     """Pure analysis of the main graph (nothing is changed). `exclude`: node names or op types
     that stay float. `input_shapes` (input name -> dims, usually the calibration feeds') size
     the tensors where the target's choice depends on size."""
+    check_exclude(model, exclude, "quantize", _known_op_types(target))
     shapes = bound_shapes(model, input_shapes) if input_shapes else None
     graph, excluded = model.graph, set(exclude)
     outputs = {id(v) for v in graph.outputs}
@@ -443,6 +444,11 @@ def _float(v: Value) -> bool:
 
 def _default(node: Node) -> bool:
     return node.domain in ("", "ai.onnx")
+
+
+def _known_op_types(target: Target) -> frozenset[str]:
+    """Op types the target quantizes in some graph: excluding one the model lacks is harmless."""
+    return frozenset(target.weighted) | target.integer | target.data_movement | target.absorbed
 
 
 def _excluded(node: Node, exclude: set) -> bool:

@@ -256,7 +256,7 @@ def test_bn_into_matmul_makes_gemm():
     assert result.log.by_rule() == {"FuseBatchNorm": 1}
     assert ir.print_graph(model.graph).splitlines()[-4:] == [
         "  init %MatMul__1_bias_fused = float32[2] [0.0, 0.0]",
-        "  %y: float32[N,2] = Gemm(%a, %w_fused, %MatMul__1_bias_fused)  # MatMul__1_1",
+        "  %y: float32[N,2] = Gemm(%a, %w_fused, %MatMul__1_bias_fused)  # MatMul__1",
         "  return %y: float32[N,2]",
         "}"]
     a = np.random.default_rng(4).normal(0, 1, (7, 2)).astype(np.float32)
@@ -402,7 +402,7 @@ def test_affine_block_into_the_next_conv_golden():
         "  init %Conv__1_bias_shifted = float32[2] [1.5, 3.5]\n"
         "  init %w_scaled = float32[2,2,1,1] [2.0, 4.0, 6.0, 8.0]\n"
         "  %r: ? = Relu(%x)  # Relu__1\n"
-        "  %y: float32[1,2,3,3] = Conv(%r, %w_scaled, %Conv__1_bias_shifted) {pads=[0, 0, 0, 0]}  # Conv__1_1\n"
+        "  %y: float32[1,2,3,3] = Conv(%r, %w_scaled, %Conv__1_bias_shifted) {pads=[0, 0, 0, 0]}  # Conv__1\n"
         "  return %y: float32[1,2,3,3]\n"
         "}\n")
 
@@ -461,7 +461,7 @@ def test_matmul_add_to_gemm_golden():
         'graph "g" (%a: float32[M,3]) {\n'
         "  init %w = float32[3,2] [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]\n"
         "  init %c = float32[2] [0.5, -0.5]\n"
-        "  %y: float32[M,2] = Gemm(%a, %w, %c)  # MatMul__1_1\n"
+        "  %y: float32[M,2] = Gemm(%a, %w, %c)  # MatMul__1\n"
         "  return %y: float32[M,2]\n"
         "}\n")
 

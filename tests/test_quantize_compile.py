@@ -56,6 +56,47 @@ def test_integer_kernels_are_counted_without_verification_and_float_ones_too(cal
     assert str(kernels).startswith("2 of 3 Conv/MatMul/Gemm run as integer kernels")
 
 
+def _conv_bn_model() -> onnx.ModelProto:
+    """Conv 'stem' (no bias) -> BatchNormalization -> Relu -> Conv 'head': folding the
+    BatchNorm gives the stem a bias slot, so a new Conv takes its place."""
+    from onnx import helper, numpy_helper
+
+    rng = np.random.default_rng(1)
+    inits = [numpy_helper.from_array(a.astype(np.float32), name) for name, a in [
+        ("w0", rng.standard_normal((4, 3, 3, 3))), ("scale", rng.uniform(0.5, 1.5, 4)),
+        ("shift", rng.standard_normal(4)), ("mean", rng.standard_normal(4)), ("var", rng.uniform(0.5, 2, 4)),
+        ("w1", rng.standard_normal((2, 4, 1, 1))), ("b1", rng.standard_normal(2))]]
+    nodes = [helper.make_node("Conv", ["x", "w0"], ["c"], name="stem", pads=[1, 1, 1, 1]),
+             helper.make_node("BatchNormalization", ["c", "scale", "shift", "mean", "var"], ["n"], name="bn"),
+             helper.make_node("Relu", ["n"], ["r"], name="act"),
+             helper.make_node("Conv", ["r", "w1", "b1"], ["y"], name="head")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 3, 16, 16])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 2, 16, 16])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+
+
+def test_an_excluded_conv_stays_float_after_its_batchnorm_is_folded(calib):
+    plain = compiler.compile(_conv_bn_model(), quantize="int8", calibration=calib)
+    assert plain.report.integer_kernels.kernels == {"QLinearConv": 1}  # the stem (the head feeds the output)
+    result = compiler.compile(_conv_bn_model(), quantize="int8", calibration=calib, exclude=("stem",))
+    by_name = {n.name: n for n in result.model.graph.node}
+    weights = {i.name for i in result.model.graph.initializer}
+    assert by_name["stem"].op_type == "Conv" and by_name["stem"].input[1] in weights  # float weights
+    assert result.report.integer_kernels.kernels == {}
+
+
+def test_an_exclusion_that_names_nothing_is_an_error(calib, tmp_path, capsys):
+    with pytest.raises(compiler.CompileError, match=r"^quantize: exclude 'Stem' is neither a node name nor an "
+                                                    r"op type of the model$"):
+        compiler.compile(_conv_bn_model(), quantize="int8", calibration=calib, exclude=("Stem",))
+    out = tmp_path / "o.onnx"
+    assert main(["compile", str(TINY), "-o", str(out), "--quantize", "int8", "--calib", str(calib),
+                 "--exclude", "conv"]) == 2
+    assert capsys.readouterr().err == ("onnxcc: error: quantize: exclude 'conv' is neither a node name nor an op "
+                                       "type of the model\n")
+    assert not out.exists()
+
+
 def test_a_saved_table_reproduces_the_compile_without_data(calib, tmp_path):
     first = compiler.compile(str(TINY), quantize="int8", calibration=calib)
     path = tmp_path / "calib.json"

@@ -189,6 +189,23 @@ def test_rewriter_names_are_fresh_and_logged():
     assert model.graph.nodes[0] is node
 
 
+def test_a_node_named_after_the_one_it_replaces_takes_its_name_when_that_goes():
+    """Users select nodes by name (--exclude): a fused replacement must not leave them a
+    `_1` name, even when a later pass, with its own Rewriter, removes the original."""
+    model = parse(IDENTITIES)
+    relu = model.graph.nodes[1]
+    relu.name = "act"
+    log = ChangeLog()
+    new = Rewriter(model, log, "Fuse").add_node(model.graph, relu, "Relu", [relu.inputs[0]], name="act")
+    assert new.name == "act_1" and new.intended_name == "act"
+    Rewriter(model, log, "Fuse").replace_uses(relu.outputs[0], new.outputs[0])
+    result = DeadCodeElimination().run(model)
+    ir.verify(model)
+    assert new.name == "act" and new.intended_name is None
+    assert [str(c) for c in result.log] == ["dead-code: remove-node act (Relu)",
+                                            "dead-code: rename-node act_1 (to act)"]
+
+
 def test_add_initializer_in_a_function_body_adds_a_constant_node():
     """A FunctionProto holds no initializers: the new constant is a Constant node at the
     start of the body, logged as add-node."""
