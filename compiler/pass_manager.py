@@ -72,7 +72,11 @@ class PassManager:
         """Run one pass and append its record (before the after-pass instruments, so a
         verifier that raises still leaves the row in the summary)."""
         record = PassRecord(index, p.name, p.exact)
-        record.nodes_before, record.param_bytes_before = count_nodes(model), param_bytes(model)
+        last = records[-1] if records else None
+        if last is not None and last.error is None:  # nothing runs between two passes
+            record.nodes_before, record.param_bytes_before = last.nodes_after, last.param_bytes_after
+        else:
+            record.nodes_before, record.param_bytes_before = count_nodes(model), param_bytes(model)
         for inst in self.instruments:
             inst.before_pass(record, model)
         start = time.perf_counter()

@@ -4,7 +4,7 @@ use-def link in step."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Iterable
 
 from onnx import AttributeProto
 
@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     from .graph import Graph
 
 A = AttributeProto
+_BODY_TYPES = (A.GRAPH, A.GRAPHS)
 
 
 @dataclass
@@ -107,9 +108,9 @@ class Node:
                 for i in range(len(inner._inputs)):
                     inner.set_input(i, None)
 
-    def subgraphs(self) -> Iterator[Graph]:
-        for attr in self.attributes.values():
-            yield from attr.graphs()
+    def subgraphs(self) -> list[Graph]:
+        # Called for every node on every walk: a list, and no call for the other attributes.
+        return [g for a in self.attributes.values() if a.type in _BODY_TYPES for g in a.graphs()]
 
     def __repr__(self) -> str:
         return f"Node({self.op_type} '{self.name}')"

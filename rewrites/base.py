@@ -92,9 +92,13 @@ class Rewriter:
         self.model = model
         self.log = log
         self.rule = rule
-        self._names = {v.name for g in model.graphs() for v in _values(g)}
-        self._node_names = {n.name for g in model.graphs() for n in g.nodes}
-        self._heirs = {n.intended_name: n for g in model.graphs() for n in g.nodes if n.intended_name}
+        self._names, self._node_names, self._heirs = set(), set(), {}
+        for g in model.graphs():
+            self._names.update(v.name for v in _values(g))
+            for n in g.nodes:
+                self._node_names.add(n.name)
+                if n.intended_name:
+                    self._heirs[n.intended_name] = n
         self._output_ids: set[int] | None = None
         self._next_suffix: dict[tuple[int, str], int] = {}
         self._function_bodies = {id(f.graph) for f in model.functions}

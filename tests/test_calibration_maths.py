@@ -197,6 +197,42 @@ def test_entropy_does_not_clip_a_mode_of_the_data():
     assert lo == pytest.approx(x.min()) and hi >= 14.5
 
 
+def _kl_by_definition(counts: np.ndarray, i: int, levels: int, eps: float = 1e-4) -> float:
+    """TensorRT's KL(P || Q) for threshold bin i, written out bin by bin."""
+    p = counts[:i].astype(np.float64)
+    p[-1] += counts[i:].sum()
+    m = i // levels
+    q = np.zeros(i)
+    for level in range(levels):
+        start, stop = level * m, (i if level == levels - 1 else (level + 1) * m)
+        filled = [j for j in range(start, stop) if p[j] > 0]
+        for j in filled:
+            q[j] = counts[start:stop].sum() / len(filled)
+    mask = p > 0
+    if not (q[mask] > 0).any():
+        return float("inf")
+    pm, qm = p[mask] / p[mask].sum(), np.where(q[mask] > 0, q[mask], eps)
+    qm = qm / qm.sum()
+    return float(np.sum(pm * np.log(pm / qm)))
+
+
+def test_entropy_running_sums_give_the_kl_of_the_definition():
+    from calibration.scales import _RunningSums
+
+    rng = np.random.default_rng(3)
+    counts = rng.poisson(rng.exponential(20, 600)).astype(np.float64)
+    counts[200:260] = 0  # a gap: smoothed Q bins
+    counts[-5:] = [0, 0, 7, 0, 3]  # outliers past it, and an empty last bin
+    clipped = np.cumsum(counts[::-1])[::-1]
+    ends = np.array([16, 128, 150, 255, 256, 301, 599, 600])
+    got = _RunningSums(counts, clipped).kl(ends, 16)
+    want = [_kl_by_definition(counts, int(i), 16) for i in ends]
+    np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12)
+    empty = np.zeros(40)
+    empty[-1] = 5.0  # all mass beyond the candidate: Q has no shape
+    assert _RunningSums(empty, np.cumsum(empty[::-1])[::-1]).kl(np.array([16]), 16)[0] == float("inf")
+
+
 def test_entropy_keeps_the_range_of_clean_data():
     x = rng(7).uniform(-1, 1, size=100_000)
     lo, hi = select_range(HistogramObserver().update(x), "entropy", symmetric=True)
