@@ -286,8 +286,16 @@ def compile(model, *, pipeline: str | Sequence[Pass] = "default", pipeline_optio
     if verify:
         report.verification = compare(reference, outputs, tolerance)
         if not report.verification.ok:
-            raise VerificationError(f"verification failed: {report.verification.worst()}")
+            raise VerificationError(f"verification failed: {report.verification.worst()}"
+                                    + _budget_hint(report.verification, tolerance))
     return CompileResult(ir_model, report, calibrate.table if calibrate is not None else None)
+
+
+def _budget_hint(verification, tolerance: Tolerance) -> str:
+    """When an output fails on the cosine budget of a lossy compile, say which and how to set it."""
+    if not any(not o.ok and not o.note and o.cosine < tolerance.min_cosine for o in verification.outputs):
+        return ""
+    return f" (below the cosine budget {tolerance.min_cosine:g}, which --min-cosine sets)"
 
 
 HOLDOUT = 4  # calibration feeds kept apart to verify the quantized model on unseen data

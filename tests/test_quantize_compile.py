@@ -128,7 +128,9 @@ def test_unsupported_mode_is_refused(calib):
 
 
 def test_cosine_budget_fails_verification(calib):
-    with pytest.raises(compiler.VerificationError, match=r"^verification failed: 'logits' "):
+    with pytest.raises(compiler.VerificationError, match=r"^verification failed: 'logits' .*, cosine 0\.\d+, "
+                                                         r"SQNR [\d.]+ dB \(below the cosine budget 1, which "
+                                                         r"--min-cosine sets\)$"):
         compiler.compile(str(TINY), quantize="int8", calibration=calib, min_cosine=1.0 + 1e-9)
 
 
