@@ -9,7 +9,8 @@ Models and metrics (bench/ocr_data.py, bench/digits.py):
   digits  a small CNN trained on scikit-learn's digits: test accuracy
 Calibration uses other sentences and other fonts than the test (the "calib" split).
 
-Settings compared: onnxcc with each calibration method (mse is its default), with
+Settings compared: onnxcc's float optimization alone (the default pipeline, no
+quantization), onnxcc with each calibration method (mse is its default), with
 `--depthwise integer` and `float`, for cls with every Conv kept float (`--exclude Conv`), and
 `quantize_static` (QDQ, per-channel, uint8 activations, int8 weights, after onnxruntime's
 `quant_pre_process` and, below opset 13, onnx's version converter) with MinMax, Entropy and Percentile. The histogram methods of
@@ -121,8 +122,9 @@ def quantize_settings(task: Task, scratch: Path, cap: float, timeout: float) -> 
             for m in OUR_METHODS]
     runs[1:1] = [(f"onnxcc mse --depthwise {mode}", f"onnxcc:depthwise={mode}", "mse", task.model, feeds)
                  for mode in ("integer", "float")]
+    runs.insert(0, ("onnxcc float (optimized, not quantized)", "onnxcc:quantize=none", "mse", task.model, feeds))
     if task.name == "cls":  # small Convs at batch 1: does float beat integer kernels on them?
-        runs.insert(3, ("onnxcc mse --exclude Conv", "onnxcc:exclude=Conv", "mse", task.model, feeds))
+        runs.insert(4, ("onnxcc mse --exclude Conv", "onnxcc:exclude=Conv", "mse", task.model, feeds))
     for m in ORT_METHODS:
         runs.append((f"quantize_static {m}", "ort", m, pre, feeds))
         if fixed is not None and m != "MinMax":
@@ -148,6 +150,11 @@ def _size(path: Path) -> int:
     return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
 
 
+def _first_feed(files: list[Path]) -> dict:
+    with np.load(files[0]) as data:
+        return {k: data[k] for k in data.files}
+
+
 def worker(tool: str, method: str, model: str, folder: str, out: str) -> dict:
     files = sorted(Path(folder).glob("*.npz"))
     t0 = time.perf_counter()
@@ -155,10 +162,12 @@ def worker(tool: str, method: str, model: str, folder: str, out: str) -> dict:
         import compiler
 
         options = dict(kv.split("=") for kv in tool.split(":")[1:])  # "onnxcc:depthwise=float"
-        # The budget is the benchmark's to judge here: write the model whatever its cosine.
-        result = compiler.compile(model, quantize="int8", calibration=folder, calibration_method=method,
-                                  min_cosine=0.0, depthwise=options.get("depthwise", "auto"),
-                                  exclude=tuple(filter(None, [options.get("exclude")])))
+        if options.get("quantize") == "none":  # the optimize pipeline alone, verified on one feed
+            result = compiler.compile(model, feeds=[_first_feed(files)])
+        else:  # the budget is the benchmark's to judge here: write the model whatever its cosine
+            result = compiler.compile(model, quantize="int8", calibration=folder, calibration_method=method,
+                                      min_cosine=0.0, depthwise=options.get("depthwise", "auto"),
+                                      exclude=tuple(filter(None, [options.get("exclude")])))
         result.save(out)
     else:
         from bench.isolated import quantize_static_npz
@@ -240,6 +249,9 @@ def report(task: Task, rows: list[Row]) -> str:
             lines.append(f"  target: onnxcc {ours.metric:.4f} vs best quantize_static {best.metric:.4f} "
                          f"({best.setting}): {'not worse' if ours.metric >= best.metric else 'WORSE'}")
         lines.append(f"  speed: onnxcc/float latency {ours.latency_ms / base.latency_ms:.2f}")
+        optimized = next((r for r in rows if r.setting.startswith("onnxcc float") and r.error is None), None)
+        if optimized is not None:
+            lines.append(f"  speed: onnxcc/onnxcc float (optimized) latency {ours.latency_ms / optimized.latency_ms:.2f}")
     return "\n".join(lines)
 
 

@@ -8,6 +8,7 @@ from rewrites.base import Pass
 from rewrites.cleanup import DeadCodeElimination, remove_noops
 from rewrites.constants import FreezeInitializerInputs, lift_constants
 from rewrites.cse import CommonSubexpressions
+from rewrites.depth_to_space import depth_to_space
 from rewrites.fold import FoldConstants
 from rewrites.fusions import fuse
 from rewrites.shapes import InferShapes
@@ -34,6 +35,7 @@ def optimize(fold_size_limit: int = 1 << 20, allow_growth: bool = False,
         fold(),
         remove_noops(),
         fuse(),
+        depth_to_space(),
         CommonSubexpressions(),
         DeadCodeElimination(),
         InferShapes(),

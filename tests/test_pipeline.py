@@ -21,8 +21,8 @@ SQUEEZENET = DATA_ROOT / "light" / "light_squeezenet.onnx"
 
 def test_default_pipeline_passes_in_order():
     assert [p.name for p in get_pipeline("default")] == [
-        "lift-constants", "infer-shapes", "fold-constants", "cleanup", "fuse", "cse", "dead-code",
-        "infer-shapes", "fold-constants", "cleanup", "fuse", "dead-code"]
+        "lift-constants", "infer-shapes", "fold-constants", "cleanup", "fuse", "depth-to-space", "cse",
+        "dead-code", "infer-shapes", "fold-constants", "cleanup", "fuse", "dead-code"]
     assert [p.name for p in get_pipeline("default", freeze_inputs=True)][0] == "freeze-inputs"
     assert get_pipeline("lossless") == []
 
