@@ -226,6 +226,8 @@ class MergeDepthToSpace(RewriteRule):
         usable, bias = _bias(conv)
         if w is None or not usable:
             return Reject("the Conv's weights or bias are not constant")
+        if attr(conv, "group", 1) != 1:
+            return Reject("the Conv is grouped: its output channels cannot be permuted")
         return Match([second, node, conv], {"w": w, "bias": bias})
 
     def rewrite(self, match: Match, rewriter: Rewriter) -> None:

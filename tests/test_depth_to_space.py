@@ -145,3 +145,12 @@ def test_a_depth_to_space_read_twice_stays():
     node = node_of(nodes, {}, [1, 8, 2, 2], None)
     assert SinkDepthToSpaceElementwise().match(node).reason == "not read by one elementwise op alone"
     assert MergeDepthToSpace().match(node).reason == "not followed by another CRD DepthToSpace alone"
+
+
+def test_a_grouped_conv_keeps_its_channels_in_place():
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv", group=2),
+             helper.make_node("DepthToSpace", ["c"], ["d"], name="first", blocksize=2, mode="CRD"),
+             helper.make_node("DepthToSpace", ["d"], ["y"], name="second", blocksize=2, mode="CRD")]
+    m = model(nodes, {"w": np.ones((16, 1, 1, 1))}, [1, 2, 2, 2], None)
+    assert MergeDepthToSpace().match(m.graph.nodes[1]).reason == \
+        "the Conv is grouped: its output channels cannot be permuted"
