@@ -59,7 +59,7 @@ def plan(model: Model, target: Target = ORT_CPU, exclude=(), input_shapes: dict 
     check_exclude(model, exclude, "quantize", _known_op_types(target))
     shapes = bound_shapes(model, input_shapes) if input_shapes else None
     graph, excluded = model.graph, set(exclude)
-    outputs = {id(v) for v in graph.outputs}
+    outputs = _output_ids(graph)
     calibrated: dict[int, Value] = {}  # id -> tensor that gets its own range
     shared: dict[int, Value] = {}  # id -> data-movement output sharing its input's params
     scaled: dict[int, tuple[Value, Value, float]] = {}  # id -> (output, quantized input, factor)
@@ -444,6 +444,26 @@ def _float(v: Value) -> bool:
 
 def _default(node: Node) -> bool:
     return node.domain in ("", "ai.onnx")
+
+
+# Ops that only move values: what they output is what they read, rearranged.
+MOVES_VALUES = frozenset({"DepthToSpace", "SpaceToDepth", "Reshape", "Transpose", "Squeeze", "Unsqueeze",
+                          "Flatten", "Identity"})
+
+
+def _output_ids(graph: Graph) -> set[int]:
+    """The graph outputs, and the tensors they are rearrangements of: a range that clips those
+    (entropy does, on a detector's probability map) would round what the user reads."""
+    ids, todo = set(), list(graph.outputs)
+    while todo:
+        v = todo.pop()
+        if v is None or id(v) in ids:
+            continue
+        ids.add(id(v))
+        node = v.producer
+        if node is not None and node.op_type in MOVES_VALUES and _default(node) and node.inputs:
+            todo.append(node.inputs[0])
+    return ids
 
 
 def _known_op_types(target: Target) -> frozenset[str]:

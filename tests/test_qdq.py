@@ -338,6 +338,21 @@ def test_graph_outputs_are_never_quantized():
     assert [o.name for o in out.graph.output] == ["y"]
 
 
+def test_what_reaches_an_output_by_moving_values_only_stays_float():
+    """A detector's head after the depth-to-space pass: Conv -> Sigmoid -> DepthToSpace ->
+    output. The Sigmoid's output is the output rearranged: a range that clipped it (entropy
+    put 0.299 under DB's 0.3 threshold) would change what the user reads."""
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1"),
+             helper.make_node("Relu", ["c1"], ["r"], name="relu"),
+             helper.make_node("Conv", ["r", "w2", "b2"], ["c2"], name="conv2"),
+             helper.make_node("Sigmoid", ["c2"], ["s"], name="sigmoid"),
+             helper.make_node("DepthToSpace", ["s"], ["y"], name="d2s", blocksize=2, mode="CRD")]
+    inits = [("w1", (8, 3, 3, 3), 0.3), ("b1", (8,), 0.1), ("w2", (4, 8, 1, 1), 0.3), ("b2", (4,), 0.1)]
+    p = plan(ir.load(_model(nodes, inits, [1, 3, 8, 8], [1, 1, 16, 16])))
+    assert p.nodes == ["conv1", "relu", "conv2"]
+    assert p.activations == ["x", "r", "c2"]
+
+
 def test_exclusion_leaves_node_float(tmp_path):
     for exclude, float_op in ((("Gemm",), "Gemm"), (("conv2",), "Conv")):
         _, out, _ = quantize(cnn(), exclude=exclude)
