@@ -65,13 +65,11 @@ def _crd(node: Node) -> bool:
     return attr(node, "mode", "DCR") == "CRD"
 
 
-def _shape(v: Value, channels: int, scale: float = 1) -> tuple | None:
-    """`v`'s shape with `channels` channels and its spatial sizes times `scale`."""
+def _shape(v: Value, channels: int) -> tuple | None:
+    """`v`'s shape with `channels` channels: what a 1x1 Conv of `v` gives."""
     if v.shape is None or len(v.shape) != 4:
         return None
-    n, _, h, w = v.shape
-    resize = (lambda d: int(d * scale) if isinstance(d, int) else None)
-    return (n, channels, resize(h), resize(w))
+    return (v.shape[0], channels, *v.shape[2:])
 
 
 def _conv(rewriter: Rewriter, before: Node, x: Value, weight: np.ndarray, bias: np.ndarray | None,
