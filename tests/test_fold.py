@@ -933,3 +933,29 @@ def test_light_vgg19_does_not_blow_up(as_constants):
         return sess.run(None, {"data_0": x})
 
     assert matches(run(ir.to_proto(model)), run(proto), rtol=0, atol=0) is None
+
+
+@pytest.mark.parametrize("shape,allowzero", [([0, -1], 0), ([4, 0, 2], 0), ([-1], 0), ([3, 0, 4], 1), ([5, -1], 0)])
+def test_reshape_of_a_constant_folds_in_numpy_as_onnxruntime_computes_it(shape, allowzero):
+    """Reshape folds without an onnxruntime session; what it gives is what onnxruntime gives
+    (0 copies the input's dimension unless allowzero), and what neither can do stays."""
+    data = np.arange(24, dtype=np.float32).reshape(2, 3, 4) if shape != [3, 0, 4] else np.zeros((3, 0, 4), np.float32)
+    model = parse(f"""<ir_version: 10, opset_import: ["" : 21]>
+g (float[1] x) => (float[1] y) {{
+  d = Constant <value = float[{",".join(map(str, data.shape))}] {{{",".join(map(str, data.ravel().tolist()))}}}> ()
+  s = Constant <value = int64[{len(shape)}] {{{",".join(map(str, shape))}}}> ()
+  r = Reshape <allowzero = {allowzero}> (d, s)
+  y = Identity(x)
+}}""")
+    node = next(n for n in model.graph.nodes if n.op_type == "Reshape")
+    expected = run_ort(ir.to_proto(_expose(model, node)), [np.zeros(1, np.float32)])[1] if shape != [5, -1] else None
+    got = rewrites.fold._reshape(node, [v.const for v in node.inputs])
+    if expected is None:
+        assert got is None  # 24 values do not fill [5, -1]
+    else:
+        assert got.shape == expected.shape and np.array_equal(got, expected)
+
+
+def _expose(model: ir.Model, node) -> ir.Model:
+    model.graph.outputs = list(model.graph.outputs) + [node.outputs[0]]
+    return model
