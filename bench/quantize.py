@@ -251,7 +251,8 @@ def report(task: Task, rows: list[Row]) -> str:
         lines.append(f"  speed: onnxcc/float latency {ours.latency_ms / base.latency_ms:.2f}")
         optimized = next((r for r in rows if r.setting.startswith("onnxcc float") and r.error is None), None)
         if optimized is not None:
-            lines.append(f"  speed: onnxcc/onnxcc float (optimized) latency {ours.latency_ms / optimized.latency_ms:.2f}")
+            ratio = ours.latency_ms / optimized.latency_ms
+            lines.append(f"  speed: onnxcc/onnxcc float (optimized) latency {ratio:.2f}")
     return "\n".join(lines)
 
 

@@ -253,4 +253,5 @@ def depth_to_space() -> RulePass:
                      MergeDepthToSpace()], name="depth-to-space")
 
 
-__all__ = ["depth_to_space", "ConvTransposeToDepthToSpace", "MergeDepthToSpace", "SinkDepthToSpaceConv", "SinkDepthToSpaceElementwise"]
+__all__ = ["depth_to_space", "ConvTransposeToDepthToSpace", "MergeDepthToSpace", "SinkDepthToSpaceConv",
+           "SinkDepthToSpaceElementwise"]
