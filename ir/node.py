@@ -108,10 +108,7 @@ class Node:
                 for i in range(len(inner._inputs)):
                     inner.set_input(i, None)
 
-    def subgraphs(self) -> list[Graph] | tuple[()]:
-        # Called for every node on every walk: most nodes have no body, and many no attribute.
-        if not self.attributes or not any(a.type in _BODY_TYPES for a in self.attributes.values()):
-            return ()
+    def subgraphs(self) -> list[Graph]:
         return [g for a in self.attributes.values() if a.type in _BODY_TYPES for g in a.graphs()]
 
     def __repr__(self) -> str:

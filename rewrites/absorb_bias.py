@@ -20,7 +20,7 @@ from ir import Model, Node, Value
 from .base import Change, ChangeLog, Pass, PassResult, Rewriter
 from .bias_correction import apply_to_mean, as_matrix
 from .equalize import Chain, _clip_bounds, _write, find_chains
-from .patterns import attr, const
+from .patterns import const, unpadded
 
 SHIFT_CARRIERS = frozenset({"Relu", "MaxPool", "GlobalMaxPool", "GlobalAveragePool"})
 
@@ -71,8 +71,7 @@ def _unsafe(chain: Chain) -> str:
         return "a layer of the chain has no bias"
     for c in chain.consumers:
         n = c.node
-        if n.op_type == "Conv" and (any(attr(n, "pads", None) or ()) or attr(n, "auto_pad", "NOTSET")
-                                    not in ("NOTSET", "VALID")):
+        if n.op_type == "Conv" and not unpadded(n):
             return f"Conv '{n.name}' pads its input with zeros, which the shift does not reach"
         if n.op_type == "MatMul":
             return f"MatMul '{n.name}' has no bias"

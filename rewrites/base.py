@@ -150,7 +150,7 @@ class Rewriter:
         """Remove nodes of one graph at once, readers before the nodes they read."""
         graph.remove_many(nodes)
         for node in nodes:
-            if any(True for _ in node.subgraphs()):
+            if node.subgraphs():
                 self._output_ids = None  # its bodies' outputs are no longer graph outputs
             self._record("remove-node", node.name, node.op_type)
         for node in nodes:

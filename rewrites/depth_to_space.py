@@ -24,7 +24,7 @@ from ir import Attr, Node, Value
 
 from .base import Match, Reject, RewriteRule, RulePass, Rewriter
 from .fuse_affine import FLOATS
-from .patterns import attr, const, is_const, is_output
+from .patterns import attr, const, is_const, is_output, unpadded
 
 # Elementwise and free of broadcast operands (Clip's bounds are checked to be scalars).
 ELEMENTWISE = frozenset({"Relu", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Clip"})
@@ -37,10 +37,6 @@ def _zeros(node: Node, name: str) -> bool:
 
 def _ones(node: Node, name: str) -> bool:
     return all(v == 1 for v in attr(node, name, []))
-
-
-def _unpadded(node: Node) -> bool:
-    return attr(node, "auto_pad", "NOTSET") in ("NOTSET", "VALID") and _zeros(node, "pads")
 
 
 def _float_const(v: Value | None, ndim: int) -> np.ndarray | None:
@@ -112,7 +108,7 @@ class ConvTransposeToDepthToSpace(RewriteRule):
             return Reject("stride differs from the kernel: blocks overlap or leave gaps")
         if attr(node, "group", 1) != 1 or not _ones(node, "dilations"):
             return Reject("grouped or dilated")
-        if not _unpadded(node) or not _zeros(node, "output_padding") or "output_shape" in node.attributes:
+        if not unpadded(node) or not _zeros(node, "output_padding") or "output_shape" in node.attributes:
             return Reject("padded, or its output shape is set")
         usable, bias = _bias(node)
         if not usable:
@@ -174,7 +170,7 @@ class SinkDepthToSpaceConv(RewriteRule):
         w = _float_const(conv.inputs[1], 4)
         if w is None or w.shape[2:] != (1, 1) or attr(conv, "group", 1) != 1:
             return Reject("the Conv is not a dense 1x1 Conv with constant weights")
-        if not _ones(conv, "strides") or not _unpadded(conv):
+        if not _ones(conv, "strides") or not unpadded(conv):
             return Reject("the Conv is strided or padded")
         usable, bias = _bias(conv)
         if not usable:

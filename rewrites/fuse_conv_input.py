@@ -16,7 +16,7 @@ from ir import Node
 
 from .base import Match, Reject, RewriteRule, Rewriter
 from .fuse_affine import FLOATS, constant_nodes, per_channel
-from .patterns import attr, const, is_const
+from .patterns import attr, const, is_const, unpadded
 
 KINDS = ("Mul", "Add")
 
@@ -49,8 +49,7 @@ class FuseConvInputAffine(RewriteRule):
         scalar = const(c).size == 1 and const(c).ndim <= 1
         if not scalar and (x.shape is None or len(x.shape) != w.ndim or x.shape[1] != channels):
             return Reject(f"{op.op_type} input is not known to have the Conv's {channels} channels")
-        if op.op_type == "Add" and (attr(node, "auto_pad", "NOTSET") not in ("NOTSET", "VALID")
-                                    or any(attr(node, "pads", [0]))):
+        if op.op_type == "Add" and not unpadded(node):
             return Reject("Conv pads its input: the border would lose the Add")
         return Match([node, op, *constant_nodes(c)], {"x": x, "vector": vector, "weight": w})
 

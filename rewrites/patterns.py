@@ -81,6 +81,11 @@ def static_shape(v: Value | None) -> tuple[int, ...] | None:
     return tuple(v.shape)
 
 
+def unpadded(node: Node) -> bool:
+    """A Conv-like node that pads nothing: no `pads` (or all zero), auto_pad NOTSET or VALID."""
+    return attr(node, "auto_pad", "NOTSET") in ("NOTSET", "VALID") and not any(attr(node, "pads", None) or ())
+
+
 def is_scalar(v: Value | None, target: float) -> bool:
     """A one-element float constant equal to `target` up to its dtype's rounding (exporters
     often print constants with 7 digits)."""

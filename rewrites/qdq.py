@@ -59,7 +59,7 @@ def plan(model: Model, target: Target = ORT_CPU, exclude=(), input_shapes: dict 
     check_exclude(model, exclude, "quantize", _known_op_types(target))
     shapes = bound_shapes(model, input_shapes) if input_shapes else None
     graph, excluded = model.graph, set(exclude)
-    outputs = _output_ids(graph)
+    outputs = _output_like_ids(graph)
     calibrated: dict[int, Value] = {}  # id -> tensor that gets its own range
     shared: dict[int, Value] = {}  # id -> data-movement output sharing its input's params
     scaled: dict[int, tuple[Value, Value, float]] = {}  # id -> (output, quantized input, factor)
@@ -451,7 +451,7 @@ MOVES_VALUES = frozenset({"DepthToSpace", "SpaceToDepth", "Reshape", "Transpose"
                           "Flatten", "Identity"})
 
 
-def _output_ids(graph: Graph) -> set[int]:
+def _output_like_ids(graph: Graph) -> set[int]:
     """The graph outputs, and the tensors they are rearrangements of: a range that clips those
     (entropy does, on a detector's probability map) would round what the user reads."""
     ids, todo = set(), list(graph.outputs)
